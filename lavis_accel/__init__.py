@@ -1,0 +1,14 @@
+"""lavis_accel: faster, smaller vision-language models for Salesforce LAVIS.
+
+``import lavis_accel`` registers the plugin's models, reducers, tasks and dataset builders into LAVIS's
+registry (idempotently), after the guarded compatibility fixes that LAVIS needs on CPU-only machines.
+"""
+from lavis_accel import compat
+
+compat.ensure_torchvision_importable()
+
+from lavis_accel import registration  # noqa: E402
+
+registration.refresh_model_zoo()
+
+__version__ = "0.1.0"

@@ -9,6 +9,8 @@ compat.ensure_torchvision_importable()
 
 from lavis_accel import registration  # noqa: E402
 
+compat.enable_cpu_runner()
+compat.enable_safe_checkpoints()
 registration.refresh_model_zoo()
 
 __version__ = "0.1.0"

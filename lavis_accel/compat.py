@@ -4,7 +4,9 @@ Each fix applies only when the problem it fixes is actually present, so a GPU us
 wheels behaves exactly as stock LAVIS.
 """
 import logging
+import os
 import sys
+import tempfile
 
 logger = logging.getLogger(__name__)
 
@@ -40,3 +42,164 @@ def ensure_torchvision_importable():
 
     logger.info("torchvision: declared missing op schemas %s (CUDA wheel beside CPU torch)",
                 sorted(_TORCHVISION_OP_SCHEMAS))
+
+
+class _HostLoader:
+    """Stand-in for LAVIS's ``PrefetchLoader`` when CUDA is absent: iterates the loader, moves nothing.
+
+    ``PrefetchLoader.__init__`` creates a ``torch.cuda.Stream`` unconditionally, which fails on a CPU-only build.
+    """
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
+class _BarrierIfInitialized:
+    """``torch.distributed`` as LAVIS's runner sees it, except that ``barrier()`` without a process group is a no-op.
+
+    ``RunnerBase.train`` calls ``dist.barrier()`` after every epoch even when ``distributed: False``; with no process
+    group that raises. With a group (any torchrun job) the real barrier runs.
+    """
+
+    def __init__(self, dist):
+        self._dist = dist
+
+    def barrier(self, *args, **kwargs):
+        if self._dist.is_available() and self._dist.is_initialized():
+            return self._dist.barrier(*args, **kwargs)
+        return None
+
+    def __getattr__(self, name):
+        return getattr(self._dist, name)
+
+
+def enable_cpu_runner():
+    """Let LAVIS's ``RunnerBase`` train and evaluate in one CPU process (``device: cpu, distributed: False``).
+
+    Fixes, each only where stock LAVIS 1.0.2 would crash:
+    1. ``RunnerBase.model`` returns None when the model already sits on the run device: return the model.
+    2. ``PrefetchLoader`` needs CUDA streams: without CUDA, use a plain loader.
+    3. ``task.evaluation`` moves batches to CUDA by default: without CUDA, keep them on the host.
+    4. ``dist.barrier()`` without a process group: skip it.
+    Idempotent. On a machine with CUDA, 2 and 3 change nothing; 1 and 4 only act where LAVIS would fail.
+    """
+    import torch
+    import lavis.datasets.data_utils as data_utils
+    import lavis.runners.runner_base as runner_base
+    import lavis.runners.runner_iter as runner_iter
+    import lavis.tasks.base_task as base_task
+    import lavis.tasks.dialogue as dialogue_task
+
+    if getattr(runner_base, "_lavis_accel_cpu_runner", False):
+        return
+    runner_cls = runner_base.RunnerBase
+    stock_model = runner_cls.model.fget
+
+    def model(self):
+        wrapped = stock_model(self)
+        if wrapped is None and not self.use_distributed:
+            self._wrapped_model = self._model
+            wrapped = self._model
+        return wrapped
+
+    runner_cls.model = property(model, doc=runner_cls.model.__doc__)
+    for module in (runner_base, runner_iter):
+        module.dist = _BarrierIfInitialized(module.dist)
+
+    if not torch.cuda.is_available():
+        runner_base.PrefetchLoader = _HostLoader
+        stock_prepare_sample = data_utils.prepare_sample
+
+        def prepare_sample(samples, cuda_enabled=True):
+            return stock_prepare_sample(samples, cuda_enabled=False)
+
+        base_task.prepare_sample = prepare_sample
+        dialogue_task.prepare_sample = prepare_sample
+    runner_base._lavis_accel_cpu_runner = True
+
+
+def _save_atomically(stock_save):
+    """``torch.save`` that writes to a temporary file beside the target, then renames it into place."""
+
+    def save(obj, f, *args, **kwargs):
+        if not isinstance(f, (str, os.PathLike)):
+            return stock_save(obj, f, *args, **kwargs)
+        directory = os.path.dirname(os.path.abspath(f))
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
+        os.close(fd)
+        try:
+            stock_save(obj, tmp, *args, **kwargs)
+            os.replace(tmp, f)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    return save
+
+
+def _load_allowing_frozen_missing(model, stock_load):
+    """``load_state_dict`` for resuming LAVIS checkpoints, which omit every parameter with requires_grad False.
+
+    Keys missing from the checkpoint are accepted only when they are such frozen parameters (e.g. BLIP's momentum
+    encoders); any other missing or unexpected key still raises, as a strict load does.
+    """
+
+    def load(state_dict, strict=True):
+        if not strict:
+            return stock_load(state_dict, strict=False)
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+        result = stock_load(state_dict, strict=False)
+        missing = [k for k in result.missing_keys if k not in frozen]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(
+                f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        return result
+
+    return load
+
+
+def enable_safe_checkpoints():
+    """Make LAVIS's runner write checkpoints atomically and resume from its own checkpoints.
+
+    ``RunnerBase._save_checkpoint`` writes ``checkpoint_*.pth`` in place (a crash mid-write leaves a corrupt file);
+    ``RunnerBase._load_checkpoint`` loads strictly a state dict from which ``_save_checkpoint`` dropped the frozen
+    parameters, so resuming any model with frozen weights fails. Idempotent.
+    """
+    import torch
+    import lavis.runners.runner_base as runner_base
+
+    runner_cls = runner_base.RunnerBase
+    if getattr(runner_cls, "_lavis_accel_safe_checkpoints", False):
+        return
+    stock_save_checkpoint = runner_cls._save_checkpoint
+    stock_load_checkpoint = runner_cls._load_checkpoint
+
+    def _save_checkpoint(self, cur_epoch, is_best=False):
+        stock_torch_save = torch.save
+        torch.save = _save_atomically(stock_torch_save)
+        try:
+            return stock_save_checkpoint(self, cur_epoch, is_best)
+        finally:
+            torch.save = stock_torch_save
+
+    def _load_checkpoint(self, url_or_filename):
+        model = self.unwrap_dist_model(self.model)
+        model.load_state_dict = _load_allowing_frozen_missing(model, type(model).load_state_dict.__get__(model))
+        try:
+            return stock_load_checkpoint(self, url_or_filename)
+        finally:
+            del model.load_state_dict
+
+    runner_cls._save_checkpoint = _save_checkpoint
+    runner_cls._load_checkpoint = _load_checkpoint
+    runner_cls._lavis_accel_safe_checkpoints = True

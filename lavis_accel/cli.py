@@ -1,0 +1,42 @@
+"""``lavis-accel``: train, evaluate, benchmark and demo LAVIS models with the plugin registered."""
+import argparse
+import importlib
+import sys
+
+from lavis_accel.errors import SettingError
+
+# subcommand -> (module, function, help); each module also provides add_arguments(parser)
+SUBCOMMANDS = {
+    "train": ("lavis_accel.jobs", "train", "train a LAVIS project yaml (LAVIS's train.py)"),
+    "evaluate": ("lavis_accel.jobs", "evaluate", "evaluate a LAVIS project yaml (LAVIS's evaluate.py)"),
+}
+
+
+def run_guarded(job, args):
+    """Run a subcommand; bad input (SettingError) becomes one line on stderr and exit status 2."""
+    try:
+        return job(args) or 0
+    except SettingError as err:
+        print(f"lavis-accel: error: {err}", file=sys.stderr)
+        return 2
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="lavis-accel", description="Faster, smaller vision-language models for Salesforce LAVIS.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, function, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sub)
+        sub.set_defaults(job=getattr(module, function))
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return run_guarded(args.job, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Checks of a LAVIS project config before any work starts, each failing with one line that names the setting.
+
+LAVIS itself reports most of these as bare ``assert`` failures or deep tracebacks (``'NoneType' object has no
+attribute ...``), sometimes after minutes of model building; a wrong checkpoint is even loaded silently, its
+mismatched tensors dropped.
+"""
+import difflib
+import os
+
+import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lavis.common.registry import registry
+from lavis.common.utils import get_cache_path, is_url
+from lavis_accel.errors import SettingError
+
+
+def load_yaml(path, what="config file"):
+    """Load a yaml file as a DictConfig, or fail naming the file (and the line, for a syntax error)."""
+    if not os.path.isfile(path):
+        raise SettingError(f"{what} not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as err:
+        raise SettingError(f"{what} {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(cfg, DictConfig):
+        raise SettingError(f"{what} {path} must hold a mapping, not {type(cfg).__name__}")
+    return cfg
+
+
+def parse_options(options):
+    """``--options k=v ...`` as LAVIS reads them, checked to be ``key=value`` pairs."""
+    options = list(options or [])
+    for opt in options:
+        if "=" not in opt or opt.startswith("="):
+            raise SettingError(f"--options: '{opt}' is not of the form key=value")
+    try:
+        return OmegaConf.from_dotlist(options)
+    except OmegaConfBaseException as err:
+        raise SettingError(f"--options: {' '.join(str(err).split())}") from None
+
+
+def _unknown(kind, name, known):
+    close = difflib.get_close_matches(str(name), list(known), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return SettingError(f"{kind} '{name}' is not registered{hint}")
+
+
+def check_project(cfg):
+    """Check the sections, the model arch and type, the task and the dataset names of a merged project config."""
+    for section in ("model", "datasets", "run"):
+        if not isinstance(cfg.get(section), DictConfig):
+            raise SettingError(f"config has no '{section}:' section")
+    arch = cfg.model.get("arch")
+    model_cls = registry.get_model_class(arch) if arch else None
+    if model_cls is None:
+        raise _unknown("model.arch", arch, registry.mapping["model_name_mapping"])
+    model_type = cfg.model.get("model_type")
+    types = model_cls.PRETRAINED_MODEL_CONFIG_DICT
+    if model_type not in types:
+        raise SettingError(f"model.model_type '{model_type}' is not a type of {arch}: one of {', '.join(types)}")
+    task = cfg.run.get("task")
+    if registry.get_task_class(task) is None:
+        raise _unknown("run.task", task, registry.mapping["task_name_mapping"])
+    for name in cfg.datasets:
+        if registry.get_builder_class(name) is None:
+            raise _unknown("datasets", name, registry.mapping["builder_name_mapping"])
+
+
+def _as_list(value):
+    return [value] if isinstance(value, str) else list(value)
+
+
+def check_dataset_paths(datasets_cfg):
+    """Every annotation file and image folder a dataset reads must exist (annotations with a URL may be fetched)."""
+    for name, dataset in datasets_cfg.items():
+        build_info = dataset.get("build_info", {})
+        for split, ann in build_info.get("annotations", {}).items():
+            urls = ann.get("url")
+            for storage in _as_list(ann.get("storage", [])):
+                path = storage if os.path.isabs(storage) else get_cache_path(storage)
+                if not os.path.exists(path) and not urls:
+                    key = f"datasets.{name}.build_info.annotations.{split}.storage"
+                    raise SettingError(f"{key}: {path} does not exist")
+        data_type = dataset.get("data_type", "images")
+        visual = build_info.get(data_type)
+        if visual is not None and visual.get("storage"):
+            path = visual.storage if os.path.isabs(visual.storage) else get_cache_path(visual.storage)
+            if not os.path.exists(path):
+                raise SettingError(f"datasets.{name}.build_info.{data_type}.storage: {path} does not exist")
+
+
+def checkpoint_paths(cfg):
+    """The local checkpoint files a run will read, as ``{setting: path}`` (URLs are LAVIS's to download)."""
+    model_cfg, paths = cfg.model, {}
+    if model_cfg.get("load_finetuned", True):
+        paths["model.finetuned"] = model_cfg.get("finetuned")
+    elif model_cfg.get("load_pretrained", True):
+        paths["model.pretrained"] = model_cfg.get("pretrained")
+    paths["run.resume_ckpt_path"] = cfg.run.get("resume_ckpt_path")
+    return {key: path for key, path in paths.items() if path and not is_url(path)}
+
+
+def check_checkpoint_files(cfg):
+    for key, path in checkpoint_paths(cfg).items():
+        if not os.path.isfile(path):
+            raise SettingError(f"{key}: checkpoint file not found: {path}")
+
+
+def _load_state_dict(path, key):
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file: torch raises many types
+        raise SettingError(f"{key}: {path} is not a readable torch checkpoint ({type(err).__name__})") from None
+    state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state_dict, dict):
+        raise SettingError(f"{key}: {path} holds no state dict (expected {{'model': state_dict}})")
+    return state_dict
+
+
+def check_checkpoint_fits(model, path, key):
+    """Fail if the checkpoint at ``path`` shares no tensor with ``model`` or has one of a different shape.
+
+    Position embeddings are exempt: LAVIS interpolates them to the model's image size.
+    """
+    state_dict = _load_state_dict(path, key)
+    model_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    shared = [name for name in state_dict if name in model_shapes]
+    if not shared:
+        raise SettingError(f"{key}: {path} shares no parameter names with {type(model).__name__}")
+    mismatched = [
+        name for name in shared
+        if torch.is_tensor(state_dict[name]) and tuple(state_dict[name].shape) != model_shapes[name]
+        and not name.endswith("pos_embed")
+    ]
+    if mismatched:
+        name = mismatched[0]
+        raise SettingError(
+            f"{key}: {path} does not fit {type(model).__name__}: {len(mismatched)} tensors differ in shape, "
+            f"e.g. {name} {list(state_dict[name].shape)} in the file vs {list(model_shapes[name])} in the model")

@@ -1,0 +1,97 @@
+"""LAVIS's ``train.py`` and ``evaluate.py`` (which the wheel does not ship), with the plugin imported.
+
+Same arguments (``--cfg-path``, ``--options k=v ...``), same set-up order (job id, config, distributed init, seeds,
+logger, task, datasets, model, runner from ``run.runner``). Under torchrun on GPUs they behave as LAVIS's scripts;
+with ``device: cpu, distributed: False`` they run in one CPU process. Two additions: the config is checked before
+any work (one-line errors), and a relative ``run.output_dir`` is taken relative to the working directory (LAVIS
+joins it to its own package folder, i.e. into site-packages for a pip install).
+"""
+import argparse
+import logging
+import os
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.backends.cudnn as cudnn
+from omegaconf import OmegaConf
+
+import lavis_accel  # noqa: F401  (registers the plugin, applies the guarded CPU fixes)
+import lavis.common.optims  # noqa: F401  (registers LAVIS's lr schedulers, as LAVIS's scripts do)
+import lavis.tasks as tasks
+from lavis.common.config import Config
+from lavis.common.dist_utils import get_rank, init_distributed_mode
+from lavis.common.logger import setup_logger
+from lavis.common.registry import registry
+from lavis.common.utils import now
+from lavis_accel import config_checks
+
+
+def add_arguments(parser):
+    parser.add_argument("--cfg-path", required=True, help="path to the LAVIS project yaml")
+    parser.add_argument("--options", nargs="+", default=None,
+                        help="override settings of the config, as key=value pairs (e.g. run.max_epoch=1)")
+    return parser
+
+
+def load_config(cfg_path, options=None):
+    """The merged LAVIS ``Config`` of a project yaml plus ``--options``, checked before any work starts."""
+    user = config_checks.load_yaml(cfg_path)
+    config_checks.check_project(OmegaConf.merge(user, config_checks.parse_options(options)))
+    cfg = Config(SimpleNamespace(cfg_path=cfg_path, options=options))
+    config_checks.check_dataset_paths(cfg.datasets_cfg)
+    config_checks.check_checkpoint_files(cfg.config)
+    if not os.path.isabs(cfg.run_cfg.output_dir):
+        cfg.run_cfg.output_dir = os.path.abspath(cfg.run_cfg.output_dir)
+    return cfg
+
+
+def setup_seeds(cfg):
+    seed = cfg.run_cfg.seed + get_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    cudnn.benchmark = False
+    cudnn.deterministic = True
+
+
+def build_runner(cfg_path, options=None):
+    """Everything LAVIS's scripts do before ``runner.train()`` / ``runner.evaluate()``; returns the runner."""
+    job_id = now()
+    cfg = load_config(cfg_path, options)
+    init_distributed_mode(cfg.run_cfg)
+    setup_seeds(cfg)
+    setup_logger()
+    cfg.pretty_print()
+
+    task = tasks.setup_task(cfg)
+    datasets = task.build_datasets(cfg)
+    model = task.build_model(cfg)
+    for key, path in config_checks.checkpoint_paths(cfg.config).items():
+        config_checks.check_checkpoint_fits(model, path, key)
+
+    runner_cls = registry.get_runner_class(cfg.run_cfg.get("runner", "runner_base"))
+    return runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
+
+
+def train(args):
+    runner = build_runner(args.cfg_path, args.options)
+    runner.train()
+    logging.info("lavis-accel: checkpoints and logs in %s", runner.output_dir)
+    return 0
+
+
+def evaluate(args):
+    runner = build_runner(args.cfg_path, args.options)
+    runner.evaluate(skip_reload=True)
+    logging.info("lavis-accel: results and logs in %s", runner.output_dir)
+    return 0
+
+
+def script_main(job, description):
+    """Entry of ``python -m lavis_accel.train`` / ``.evaluate``: the same errors as the ``lavis-accel`` CLI."""
+    from lavis_accel.cli import run_guarded
+
+    parser = add_arguments(argparse.ArgumentParser(description=description))
+    return run_guarded(job, parser.parse_args())

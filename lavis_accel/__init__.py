@@ -5,6 +5,7 @@ registry (idempotently), after the guarded compatibility fixes that LAVIS needs 
 """
 from lavis_accel import compat
 
+compat.quiet_known_warnings()
 compat.ensure_torchvision_importable()
 
 from lavis_accel import registration  # noqa: E402

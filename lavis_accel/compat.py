@@ -7,8 +7,14 @@ import logging
 import os
 import sys
 import tempfile
+import warnings
 
 logger = logging.getLogger(__name__)
+
+def quiet_known_warnings():
+    """Hide the FutureWarnings fairscale 0.4.4 (pinned by LAVIS) prints on every import about torch.cuda.amp."""
+    warnings.filterwarnings("ignore", message=r"`torch\.cuda\.amp\.custom_[fb]wd", category=FutureWarning)
+
 
 _TORCHVISION_OP_SCHEMAS = {
     "nms": "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",

@@ -1,0 +1,43 @@
+"""Multi-head attention through ``scaled_dot_product_attention``, with an additive bias and the [CLS] row.
+
+Proportional attention is an additive float mask (``log size`` per key), so the fused SDPA kernels still apply.
+Turbo needs the [CLS] query's attention probabilities: they are computed from that one query
+(``q_cls @ K^T``) with the same bias, never from the full ``T x T`` matrix.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def cls_attention_row(
+    q: torch.Tensor, k: torch.Tensor, scale: float, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Head-averaged attention probabilities ``[B, T]`` of query 0 ([CLS]) over all keys (before any dropout).
+
+    ``q``, ``k`` are ``[B, H, T, D]``; ``bias`` broadcasts to ``[B, H, 1, T]``.
+    """
+    logits = (q[:, :, :1] @ k.transpose(-2, -1)) * scale
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    need_cls_row: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``softmax(q k^T * scale + bias) v`` for ``[B, H, T, D]`` inputs; also the [CLS] row when asked.
+
+    Returns ``(out [B, H, T, D], cls_row [B, T] or None)``.
+    """
+    if bias is not None:
+        bias = bias.to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+    cls_row = cls_attention_row(q, k, scale, bias) if need_cls_row else None
+    return out, cls_row

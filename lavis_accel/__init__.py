@@ -9,9 +9,12 @@ compat.quiet_known_warnings()
 compat.ensure_torchvision_importable()
 
 from lavis_accel import registration  # noqa: E402
+from lavis_accel import processors  # noqa
 
 compat.enable_cpu_runner()
 compat.enable_safe_checkpoints()
 registration.refresh_model_zoo()
+
+from lavis_accel.patch import apply, remove  # noqa: E402
 
 __version__ = "0.1.0"

@@ -1,0 +1,62 @@
+"""Token reducers as LAVIS processors: ``tome`` and ``turbo``, built from a ``reducer:`` config block.
+
+A reducer processor is called on a model and returns it patched in place, so a model's ``from_config`` can end
+with ``build_reducer(cfg.reducer)(model)``.
+"""
+from lavis.common.registry import registry
+from lavis.processors.base_processor import BaseProcessor
+
+from lavis_accel.errors import SettingError
+from lavis_accel.patch.vit import apply_settings
+from lavis_accel.reduce.settings import ReducerSettings, plain_config
+from lavis_accel.registration import register_processor
+
+
+class TokenReducer(BaseProcessor):
+    """A processor that applies its reducer settings to a model (``reducer(model)`` returns the patched model)."""
+
+    reducer_name = None
+
+    def __init__(self, settings: ReducerSettings = None):
+        super().__init__()
+        self.settings = settings or ReducerSettings.from_config({"name": self.reducer_name})
+        if self.settings.name != self.reducer_name:
+            raise SettingError(f"reducer name {self.settings.name!r} given to the {self.reducer_name!r} reducer")
+
+    def __call__(self, model):
+        return apply_settings(model, self.settings)
+
+    @classmethod
+    def from_config(cls, cfg=None):
+        values = {"name": cls.reducer_name, **({} if cfg is None else plain_config(cfg))}
+        return cls(ReducerSettings.from_config(values))
+
+
+@register_processor("tome")
+class ToMeReducer(TokenReducer):
+    """ToMe: bipartite soft matching on attention keys, size-weighted merges, proportional attention."""
+
+    reducer_name = "tome"
+
+
+@register_processor("turbo")
+class TurboReducer(TokenReducer):
+    """Turbo: ToMe's matching driven by informativity (redundancy minus [CLS]-attention semantic value)."""
+
+    reducer_name = "turbo"
+
+
+def known_reducers():
+    """Names of the token reducers registered in LAVIS's processor registry."""
+    mapping = registry.mapping["processor_name_mapping"]
+    return sorted(name for name, cls in mapping.items() if issubclass(cls, TokenReducer))
+
+
+def build_reducer(cfg) -> TokenReducer:
+    """The registered reducer processor named by ``cfg.name``, built from the rest of the block."""
+    name = plain_config(cfg).get("name")
+    processor_class = registry.get_processor_class(name) if isinstance(name, str) else None
+    if processor_class is None or not issubclass(processor_class, TokenReducer):
+        raise SettingError(f"reducer name {name!r} is not known: use one of {', '.join(known_reducers())}")
+    return processor_class.from_config(cfg)
+

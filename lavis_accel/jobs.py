@@ -3,8 +3,10 @@
 Same arguments (``--cfg-path``, ``--options k=v ...``), same set-up order (job id, config, distributed init, seeds,
 logger, task, datasets, model, runner from ``run.runner``). Under torchrun on GPUs they behave as LAVIS's scripts;
 with ``device: cpu, distributed: False`` they run in one CPU process. Two additions: the config is checked before
-any work (one-line errors), and a relative ``run.output_dir`` is taken relative to the working directory (LAVIS
-joins it to its own package folder, i.e. into site-packages for a pip install).
+any work (one-line errors); a relative ``run.output_dir`` is taken relative to the working directory (LAVIS
+joins it to its own package folder, i.e. into site-packages for a pip install); and ``env.cache_root`` in the
+project yaml (the key of LAVIS's own ``configs/default.yaml``, which LAVIS reads only from that file) sets the
+cache root where relative dataset paths and the caption ground truth (``coco_gt/``) are found.
 """
 import argparse
 import logging
@@ -26,6 +28,7 @@ from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
 from lavis.common.utils import now
 from lavis_accel import config_checks
+from lavis_accel.datasets import set_cache_root
 
 
 def add_arguments(parser):
@@ -38,7 +41,10 @@ def add_arguments(parser):
 def load_config(cfg_path, options=None):
     """The merged LAVIS ``Config`` of a project yaml plus ``--options``, checked before any work starts."""
     user = config_checks.load_yaml(cfg_path)
-    config_checks.check_project(OmegaConf.merge(user, config_checks.parse_options(options)))
+    merged = OmegaConf.merge(user, config_checks.parse_options(options))
+    config_checks.check_project(merged)
+    if merged.get("env", {}).get("cache_root"):
+        set_cache_root(merged.env.cache_root)
     cfg = Config(SimpleNamespace(cfg_path=cfg_path, options=options))
     config_checks.check_dataset_paths(cfg.datasets_cfg)
     config_checks.check_checkpoint_files(cfg.config)

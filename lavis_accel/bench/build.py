@@ -1,0 +1,91 @@
+"""Build a registered arch's LAVIS parent model at its real size with random weights (nothing is downloaded).
+
+An accelerated arch is its LAVIS parent class plus a reducer; the bench builds the parent from the arch's own
+model yaml (same sizes, same image size) and applies each reducer setting to that one instance in turn.
+"""
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Optional
+
+from lavis.common.registry import registry
+from lavis.models.base_model import BaseModel
+from omegaconf import OmegaConf
+
+from lavis_accel.errors import SettingError
+
+
+@dataclass
+class ArchSpec:
+    """What the bench needs to know about an arch before building it."""
+
+    arch: str
+    model_type: str
+    parent_class: type
+    config: object  # the ``model:`` block of the arch's yaml, without ``reducer``
+    reducer_config: Optional[dict]  # the arch's ``reducer:`` block, if it has one
+
+    @property
+    def image_size(self) -> int:
+        if "image_size" not in self.config:
+            raise SettingError(f"{self.arch} / {self.model_type}: the model yaml has no image_size")
+        return int(self.config.image_size)
+
+
+def plugin_archs():
+    """The archs this plugin registers (their classes live in ``lavis_accel``), sorted."""
+    mapping = registry.mapping["model_name_mapping"]
+    return sorted(name for name, cls in mapping.items() if cls.__module__.startswith("lavis_accel."))
+
+
+def parent_class(arch_cls):
+    """The LAVIS model class an arch extends: the first class in its MRO that LAVIS itself defines."""
+    for cls in arch_cls.__mro__:
+        if cls.__module__.startswith("lavis.models.") and issubclass(cls, BaseModel) and cls is not BaseModel:
+            return cls
+    raise SettingError(f"arch class {arch_cls.__name__} does not extend a LAVIS model class")
+
+
+def arch_class(arch):
+    cls = registry.get_model_class(arch)
+    if cls is None:
+        known = ", ".join(plugin_archs()) or "none"
+        raise SettingError(f"--arch {arch!r} is not a registered LAVIS model; this plugin's archs: {known}")
+    return cls
+
+
+def model_config(arch_cls, arch, model_type):
+    """The ``model:`` block of the arch's default yaml for ``model_type``."""
+    if model_type not in arch_cls.PRETRAINED_MODEL_CONFIG_DICT:
+        known = ", ".join(arch_cls.PRETRAINED_MODEL_CONFIG_DICT)
+        raise SettingError(f"--model-type {model_type!r} is not known for {arch}: use one of {known}")
+    return OmegaConf.load(arch_cls.default_config_path(model_type)).model
+
+
+@contextmanager
+def _no_checkpoint_loading():
+    """LAVIS's ``from_config`` always loads a checkpoint (``pretrained`` when ``load_finetuned`` is off).
+
+    The bench measures cost, not accuracy, so the weights stay as initialised; this skips that one call while the
+    model is built.
+    """
+    stock = BaseModel.load_checkpoint_from_config
+    BaseModel.load_checkpoint_from_config = lambda self, cfg, **kwargs: None
+    try:
+        yield
+    finally:
+        BaseModel.load_checkpoint_from_config = stock
+
+
+def arch_spec(arch, model_type) -> ArchSpec:
+    cls = arch_class(arch)
+    config = model_config(cls, arch, model_type)
+    reducer_config = config.pop("reducer", None)
+    reducer = OmegaConf.to_container(reducer_config, resolve=True) if reducer_config is not None else None
+    return ArchSpec(arch, model_type, parent_class(cls), config, reducer)
+
+
+def build_parent(spec: ArchSpec) -> BaseModel:
+    """The arch's LAVIS parent at the arch's real size, randomly initialised, in eval mode."""
+    with _no_checkpoint_loading():
+        model = spec.parent_class.from_config(spec.config)
+    return model.eval()

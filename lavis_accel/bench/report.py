@@ -1,0 +1,123 @@
+"""Write a benchmark's records as JSON, a markdown table and a PNG plot of speed-up and FLOPs ratio against r."""
+import json
+import os
+from typing import List, Optional, Sequence
+
+from lavis_accel.bench.settings import PARENT, SDPA
+
+PARTS = (("vision_", "vision encoder (per image)"), ("", "task step (per sample)"))
+
+
+def write_json(records: Sequence[dict], path: str) -> str:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(list(records), handle, indent=2)
+        handle.write("\n")
+    return path
+
+
+def _fmt(value, digits=3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _throughput(record, prefix) -> str:
+    median = record[f"{prefix}throughput_median"]
+    if median is None:
+        return "–"
+    return f"{median:.3g} ± {record[f'{prefix}throughput_spread'] / 2:.2g}"
+
+
+def markdown_table(records: Sequence[dict]) -> str:
+    """A header naming model, device and task, then one row per setting."""
+    first = records[0]
+    lines = [
+        f"## {first['arch']} / {first['model_type']} on {first['device']}",
+        "",
+        f"Vision step: batch {first['batch_size']}. Task step: {first['task'] or 'not measured'}"
+        f" (batch {first['task_batch_size']}). Throughput: median ± half the interquartile range of interleaved"
+        " rounds. Speed-up and FLOPs ratio are against the LAVIS parent; \"vs SDPA\" against the plugin's patch"
+        " merging nothing (r=0), which isolates the reduction's own gain.",
+        "",
+        "| setting | vision GFLOPs (analytic) | tokens out | vision im/s | vision speed-up | vision FLOPs ratio "
+        "| vision speed-up vs SDPA | task GFLOPs | task samples/s | speed-up | FLOPs ratio | speed-up vs SDPA "
+        "| FLOPs ratio vs SDPA | params (M) | peak MB |",
+        "|---" * 15 + "|",
+    ]
+    for record in records:
+        vision = f"{_fmt(record['vision_gflops'], 4)} ({_fmt(record['vision_gflops_analytic'], 4)})"
+        cells = [
+            record["setting"], vision, _fmt(record.get("vision_tokens_out")), _throughput(record, "vision_"),
+            _fmt(record["vision_speedup"]), _fmt(record["vision_flops_ratio"]), _fmt(record["vision_speedup_vs_sdpa"]),
+            _fmt(record["task_gflops"], 4), _throughput(record, ""), _fmt(record["speedup"]),
+            _fmt(record["flops_ratio"]), _fmt(record["speedup_vs_sdpa"]), _fmt(record["flops_ratio_vs_sdpa"]),
+            f"{record['params'] / 1e6:.1f}", f"{record['peak_mem_mb']:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(records: Sequence[dict], path: str) -> str:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(markdown_table(records))
+    return path
+
+
+def _curves(records: Sequence[dict], prefix: str):
+    """Per reducer: the points (r, speed-up, FLOPs ratio), starting from the SDPA baseline at r = 0."""
+    sdpa = next(record for record in records if record["role"] == SDPA)
+    curves = {}
+    for record in records:
+        if record["role"] == PARENT or not isinstance(record["r"], int):
+            continue
+        points = curves.setdefault(record["reducer"], [])
+        if record["role"] != SDPA and not points and sdpa["reducer"] != record["reducer"]:
+            points.append(sdpa)
+        points.append(record)
+    return {
+        name: sorted((p["r"], p[f"{prefix}speedup"], p[f"{prefix}flops_ratio"]) for p in points)
+        for name, points in curves.items()
+    }
+
+
+def write_plot(records: Sequence[dict], path: str) -> Optional[str]:
+    """Speed-up (solid) and FLOPs ratio (dashed) against r, one panel per measured part; ``None`` if no part was."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = [(prefix, title) for prefix, title in PARTS if records[0][f"{prefix}flops_ratio"] is not None]
+    if not parts:
+        return None
+    figure, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4), squeeze=False)
+    for axis, (prefix, title) in zip(axes[0], parts):
+        for index, (name, points) in enumerate(_curves(records, prefix).items()):
+            r_values = [point[0] for point in points]
+            colour = f"C{index}"
+            axis.plot(r_values, [point[1] for point in points], "o-", color=colour, label=f"{name} speed-up")
+            axis.plot(r_values, [point[2] for point in points], "s--", color=colour, label=f"{name} FLOPs ratio")
+        axis.axhline(1.0, color="grey", linewidth=0.8)
+        axis.set_title(title)
+        axis.set_xlabel("r (tokens merged per block)")
+        axis.set_ylabel("x parent (LAVIS)")
+        axis.legend()
+    first = records[0]
+    figure.suptitle(f"{first['arch']} / {first['model_type']} on {first['device']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def write_reports(records: Sequence[dict], out_dir: str) -> List[str]:
+    """``bench.json``, ``bench.md`` and ``bench.png`` (when a part was timed) in ``out_dir``; returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [
+        write_json(records, os.path.join(out_dir, "bench.json")),
+        write_markdown(records, os.path.join(out_dir, "bench.md")),
+        write_plot(records, os.path.join(out_dir, "bench.png")),
+    ]
+    return [path for path in paths if path is not None]

@@ -1,0 +1,202 @@
+"""Benchmark one model in several settings: counted FLOPs, parameters, peak memory, interleaved throughput.
+
+The model is patched in place from setting to setting, so every setting runs the very same weights in the same
+process. Each step is first run once untimed under the FLOP counter and the memory trackers, then all settings are
+timed interleaved (see ``throughput.time_interleaved``).
+"""
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from lavis.models.vit import VisionTransformer
+from torch.utils.flop_counter import FlopCounterMode
+
+from lavis_accel.bench.flops import ensure_cpu_attention_formula, lavis_vit_flops
+from lavis_accel.bench.memory import ParameterUse, PeakMemory
+from lavis_accel.bench.settings import PARENT, SDPA, BenchSetting
+from lavis_accel.bench.tasks import Step, StepInputs, task_step, vision_step
+from lavis_accel.bench.throughput import Contender, median_and_spread, time_interleaved
+from lavis_accel.reduce.merge import parse_r, token_schedule
+
+VISION, TASK = "vision", "task"
+
+
+@dataclass
+class BenchOptions:
+    parts: Sequence[str] = (VISION, TASK)
+    batch_size: int = 8  # images per vision step
+    task_batch_size: int = 1  # samples per task step
+    candidates: int = 1  # retrieval k / VQA answer candidates (see tasks.default_candidates)
+    warmup: int = 1
+    repeats: int = 5
+    device: torch.device = torch.device("cpu")
+    seed: int = 0
+
+
+@dataclass
+class Profile:
+    """One untimed run of a step: FLOPs per sample, peak memory, parameters read, and the step's output."""
+
+    gflops_per_sample: float
+    peak_mem_mb: float
+    params_used: int
+    output: object
+
+
+def stderr_progress(start=None) -> Callable[[str], None]:
+    """A progress printer: ``[bench  12.3s] message`` on stderr, flushed at once."""
+    start = time.perf_counter() if start is None else start
+
+    def progress(message: str) -> None:
+        print(f"[bench {time.perf_counter() - start:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+    return progress
+
+
+def profile_step(model, step: Step, device: torch.device) -> Profile:
+    """Run ``step`` once, counting its FLOPs, its peak memory and the parameters it reads."""
+    ensure_cpu_attention_formula()
+    resident = list(model.parameters()) + list(model.buffers())
+    flops, memory, use = FlopCounterMode(display=False), PeakMemory(device, resident), ParameterUse(model)
+    with torch.no_grad(), flops, memory, use:
+        output = step.run()
+    return Profile(
+        gflops_per_sample=flops.get_total_flops() / step.samples / 1e9,
+        peak_mem_mb=memory.peak_bytes / 2**20,
+        params_used=use.count,
+        output=output,
+    )
+
+
+def expected_schedule(vit, setting: BenchSetting) -> List[int]:
+    """Token counts through the ViT that the setting's reducer should produce (constant for the parent)."""
+    depth, tokens = len(vit.blocks), vit.patch_embed.num_patches + 1
+    if setting.reducer is None:
+        return [tokens] * (depth + 1)
+    reducer = setting.reducer
+    return token_schedule(tokens, parse_r(depth, reducer.r), reducer.threshold, class_token=True)
+
+
+def analytic_vision_gflops(vit, setting: BenchSetting) -> float:
+    """The analytic FLOP model of the setting's token schedule, per image, in GFLOPs."""
+    cls_row = setting.reducer is not None and setting.reducer.alpha > 0
+    return lavis_vit_flops(vit, expected_schedule(vit, setting), cls_attention_row=cls_row) / 1e9
+
+
+def _profile_all(model, settings, step, device, progress) -> List[Profile]:
+    profiles = []
+    for setting in settings:
+        setting.activate(model)
+        profile = profile_step(model, step, device)
+        progress(f"{step.description} | {setting.label}: {profile.gflops_per_sample:.2f} GFLOPs/sample, "
+                 f"peak {profile.peak_mem_mb:.0f} MB")
+        profiles.append(profile)
+    return profiles
+
+
+def _time_all(model, settings, step, options, progress) -> Dict[str, List[float]]:
+    contenders = [
+        Contender(setting.label, lambda setting=setting: setting.activate(model), step.run) for setting in settings
+    ]
+    progress(f"timing {step.description}: {len(settings)} settings x {options.repeats} rounds, interleaved")
+    with torch.no_grad():
+        return time_interleaved(
+            contenders, step.samples, options.device, options.warmup, options.repeats, progress=progress
+        )
+
+
+def _ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional[float]:
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return numerator / denominator
+
+
+def _part_fields(prefix, profiles, rates, settings, index) -> dict:
+    """Per-part record fields: GFLOPs, throughput, and the ratios against the parent and the SDPA baseline."""
+    roles = [setting.role for setting in settings]
+    parent, sdpa = roles.index(PARENT), roles.index(SDPA)
+    gflops = [profile.gflops_per_sample for profile in profiles]
+    medians = [median_and_spread(rates[setting.label])[0] for setting in settings]
+    median, spread = median_and_spread(rates[settings[index].label])
+    return {
+        f"{prefix}gflops": gflops[index],
+        f"{prefix}throughput_median": median,
+        f"{prefix}throughput_spread": spread,
+        f"{prefix}throughput_runs": rates[settings[index].label],
+        f"{prefix}speedup": _ratio(medians[index], medians[parent]),
+        f"{prefix}flops_ratio": _ratio(gflops[parent], gflops[index]),
+        f"{prefix}speedup_vs_sdpa": _ratio(medians[index], medians[sdpa]),
+        f"{prefix}flops_ratio_vs_sdpa": _ratio(gflops[sdpa], gflops[index]),
+    }
+
+
+def _empty_part_fields(prefix) -> dict:
+    keys = ("gflops", "throughput_median", "throughput_spread", "throughput_runs", "speedup", "flops_ratio",
+            "speedup_vs_sdpa", "flops_ratio_vs_sdpa")
+    return {prefix + key: None for key in keys}
+
+
+def run_benchmark(
+    model,
+    settings: Sequence[BenchSetting],
+    options: BenchOptions,
+    image_size: int,
+    identity: dict,
+    progress: Callable[[str], None] = lambda message: None,
+) -> List[dict]:
+    """Measure ``model`` in each setting; return one record per setting (``identity`` keys first).
+
+    Task fields have no prefix (``task_gflops`` aside), vision fields start with ``vision_``; a part not in
+    ``options.parts`` has ``None`` values. Vision GFLOPs are per image, task GFLOPs per task sample.
+    """
+    model = model.to(options.device).eval()
+    vit = model.visual_encoder
+    steps = {}
+    if VISION in options.parts:
+        steps[VISION] = vision_step(model, StepInputs(options.batch_size, image_size, options.device, seed=options.seed))
+    if TASK in options.parts:
+        inputs = StepInputs(options.task_batch_size, image_size, options.device, options.candidates, options.seed)
+        steps[TASK] = task_step(model, inputs)
+    profiles = {part: _profile_all(model, settings, step, options.device, progress) for part, step in steps.items()}
+    rates = {part: _time_all(model, settings, step, options, progress) for part, step in steps.items()}
+    settings[0].activate(model)
+
+    records = []
+    for index, setting in enumerate(settings):
+        main_part = TASK if TASK in steps else VISION
+        record = dict(identity)
+        record.update({
+            "setting": setting.label,
+            "role": setting.role,
+            "reducer": setting.reducer.name if setting.reducer else "none",
+            "r": setting.reducer.r if setting.reducer else 0,
+            "reducer_settings": setting.reducer.as_dict() if setting.reducer else None,
+            "device": str(options.device),
+            "batch_size": options.batch_size,
+            "task_batch_size": options.task_batch_size,
+            "task": steps[TASK].description if TASK in steps else None,
+            "params": profiles[main_part][index].params_used,
+            "params_total": sum(p.numel() for p in model.parameters()),
+            "peak_mem_mb": profiles[main_part][index].peak_mem_mb,
+        })
+        if VISION in steps:
+            vision_profile = profiles[VISION][index]
+            record.update(_part_fields("vision_", profiles[VISION], rates[VISION], settings, index))
+            record["vision_tokens_out"] = vision_profile.output.shape[1]
+            if isinstance(vit, VisionTransformer):  # the analytic FLOP model is that of LAVIS's BLIP ViT
+                record["vision_gflops_analytic"] = analytic_vision_gflops(vit, setting)
+                record["vision_tokens_expected"] = expected_schedule(vit, setting)[-1]
+        else:
+            record.update(_empty_part_fields("vision_"))
+        record.setdefault("vision_gflops_analytic", None)
+        if TASK in steps:
+            task_fields = _part_fields("", profiles[TASK], rates[TASK], settings, index)
+            task_fields["task_gflops"] = task_fields.pop("gflops")
+            record.update(task_fields)
+        else:
+            record.update(_empty_part_fields(""))
+            record["task_gflops"] = record.pop("gflops")
+        records.append(record)
+    return records

@@ -1,0 +1,84 @@
+"""The measuring process of ``lavis-accel bench`` (started by ``bench.cli.run`` with the offline environment).
+
+Checks every option, builds the parent model at its real size with random weights, measures each setting and
+writes ``bench.json``, ``bench.md`` and ``bench.png`` to the output directory.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+import lavis_accel  # noqa: F401  (registers the plugin's archs and reducers)
+from lavis_accel.bench.build import arch_spec, build_parent
+from lavis_accel.bench.cli import add_arguments
+from lavis_accel.bench.report import markdown_table, write_reports
+from lavis_accel.bench.runner import BenchOptions, run_benchmark, stderr_progress
+from lavis_accel.bench.settings import bench_settings
+from lavis_accel.bench.tasks import default_candidates
+from lavis_accel.cli import run_guarded
+from lavis_accel.errors import SettingError
+
+
+def device_from(name) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SettingError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SettingError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def check_counts(args) -> None:
+    for option, minimum in (("batch_size", 1), ("task_batch_size", 1), ("candidates", 1), ("repeats", 1),
+                            ("warmup", 0)):
+        value = getattr(args, option)
+        if value is not None and value < minimum:
+            raise SettingError(f"--{option.replace('_', '-')} must be >= {minimum}, got {value}")
+
+
+def bench(args) -> int:
+    check_counts(args)
+    device = device_from(args.device)
+    spec = arch_spec(args.arch, args.model_type)
+    block = spec.reducer_config
+    reducers = args.reducer or ([block["name"]] if block else [])
+    r_values = args.r if args.r is not None else ([block["r"]] if block else [])
+    settings = bench_settings(reducers, r_values, block)
+    out_dir = args.out or os.path.join("output", "bench", f"{args.arch}_{args.model_type}")
+
+    progress = stderr_progress()
+    progress(f"building {spec.parent_class.__name__} for {args.arch} / {args.model_type} "
+             f"({spec.image_size} px, random weights) on {device}")
+    torch.manual_seed(args.seed)
+    model = build_parent(spec)
+    options = BenchOptions(
+        parts=tuple(args.parts),
+        batch_size=args.batch_size,
+        task_batch_size=args.task_batch_size,
+        candidates=args.candidates or default_candidates(model),
+        warmup=args.warmup,
+        repeats=args.repeats,
+        device=device,
+        seed=args.seed,
+    )
+    progress("settings: " + ", ".join(setting.label for setting in settings))
+    identity = {"arch": args.arch, "model_type": args.model_type}
+    records = run_benchmark(model, settings, options, spec.image_size, identity, progress)
+    paths = write_reports(records, out_dir)
+    print(markdown_table(records))
+    progress("wrote " + ", ".join(paths))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="lavis-accel bench")
+    add_arguments(parser)
+    return run_guarded(bench, parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,7 +3,6 @@
 An accelerated arch is its LAVIS parent class plus a reducer; the bench builds the parent from the arch's own
 model yaml (same sizes, same image size) and applies each reducer setting to that one instance in turn.
 """
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
@@ -61,21 +60,6 @@ def model_config(arch_cls, arch, model_type):
     return OmegaConf.load(arch_cls.default_config_path(model_type)).model
 
 
-@contextmanager
-def _no_checkpoint_loading():
-    """LAVIS's ``from_config`` always loads a checkpoint (``pretrained`` when ``load_finetuned`` is off).
-
-    The bench measures cost, not accuracy, so the weights stay as initialised; this skips that one call while the
-    model is built.
-    """
-    stock = BaseModel.load_checkpoint_from_config
-    BaseModel.load_checkpoint_from_config = lambda self, cfg, **kwargs: None
-    try:
-        yield
-    finally:
-        BaseModel.load_checkpoint_from_config = stock
-
-
 def arch_spec(arch, model_type) -> ArchSpec:
     cls = arch_class(arch)
     config = model_config(cls, arch, model_type)
@@ -85,7 +69,6 @@ def arch_spec(arch, model_type) -> ArchSpec:
 
 
 def build_parent(spec: ArchSpec) -> BaseModel:
-    """The arch's LAVIS parent at the arch's real size, randomly initialised, in eval mode."""
-    with _no_checkpoint_loading():
-        model = spec.parent_class.from_config(spec.config)
-    return model.eval()
+    """The arch's LAVIS parent at the arch's real size, randomly initialised (no checkpoint), in eval mode."""
+    config = OmegaConf.merge(spec.config, {"load_finetuned": False, "load_pretrained": False})
+    return spec.parent_class.from_config(config).eval()

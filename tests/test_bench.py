@@ -1,0 +1,208 @@
+"""``lavis-accel bench``: FLOP counting (CPU attention included), the analytic ViT count, memory, parameters, the
+interleaved timer's bookkeeping, settings, reports and one-line errors. No timing is asserted."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lavis_accel  # first: it makes torchvision importable for LAVIS on CPU-only machines
+from lavis.models.vit import VisionTransformerEncoder
+from lavis_accel.bench import flops, report, worker
+from lavis_accel.bench.memory import ParameterUse, PeakMemory
+from lavis_accel.bench.runner import BenchOptions, analytic_vision_gflops, run_benchmark
+from lavis_accel.bench.settings import PARENT, REDUCED, BenchSetting, bench_settings, reducer_settings
+from lavis_accel.bench.throughput import Contender, median_and_spread, time_interleaved
+from lavis_accel.reduce.merge import parse_r, token_schedule
+from lavis_accel.testing.hub import offline_env, write_offline_hub
+
+REQUIRED_KEYS = {"arch", "model_type", "reducer", "r", "vision_gflops", "task_gflops", "params", "throughput_median",
+                 "throughput_spread", "speedup", "flops_ratio", "peak_mem_mb"}
+CPU = torch.device("cpu")
+
+
+def tiny_vit(img_size=64, depth=4):
+    torch.manual_seed(0)
+    return VisionTransformerEncoder(img_size=img_size, patch_size=8, embed_dim=32, depth=depth, num_heads=2).eval()
+
+
+class VisionOnly(nn.Module):
+    """The smallest model the bench's vision part accepts: a LAVIS ViT as ``visual_encoder``."""
+
+    def __init__(self):
+        super().__init__()
+        self.visual_encoder = tiny_vit()
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_cpu_attention_is_counted_with_the_hand_formula(with_mask):
+    batch, heads, queries, keys, width, value_width = 2, 3, 5, 7, 8, 4
+    q = torch.randn(batch, heads, queries, width)
+    k = torch.randn(batch, heads, keys, width)
+    v = torch.randn(batch, heads, keys, value_width)
+    mask = torch.randn(batch, 1, 1, keys) if with_mask else None
+    counted = flops.count_flops(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    assert counted == 2 * batch * heads * queries * keys * width + 2 * batch * heads * queries * keys * value_width
+
+
+def test_fused_and_explicit_attention_count_the_same():
+    q, k, v = (torch.randn(1, 2, 9, 4) for _ in range(3))
+    fused = flops.count_flops(lambda: F.scaled_dot_product_attention(q, k, v))
+    explicit = flops.count_flops(lambda: ((q @ k.transpose(-2, -1)).softmax(-1)) @ v)
+    assert fused == explicit > 0
+
+
+def test_registering_the_formula_twice_changes_nothing():
+    q = torch.randn(1, 1, 4, 4)
+    first = flops.count_flops(lambda: F.scaled_dot_product_attention(q, q, q))
+    flops.ensure_cpu_attention_formula()
+    assert flops.count_flops(lambda: F.scaled_dot_product_attention(q, q, q)) == first
+
+
+@pytest.mark.parametrize("name, r, threshold", [(None, 0, 1), ("tome", 0, 1), ("tome", 8, 1), ("turbo", 8, 1),
+                                                 ("turbo", (8, -1), 1), ("turbo", 12, 40)])
+def test_analytic_vit_flops_equal_the_counted_ones(name, r, threshold):
+    model = VisionOnly()
+    setting = BenchSetting(PARENT)
+    if name is not None:
+        setting = BenchSetting(REDUCED, reducer_settings(name, r, {"name": name, "threshold": threshold}))
+    setting.activate(model)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        counted = flops.count_flops(lambda: model.visual_encoder.forward_features(images)) / 2
+    assert counted == pytest.approx(analytic_vision_gflops(model.visual_encoder, setting) * 1e9, rel=1e-12)
+
+
+def test_analytic_schedule_merges_where_the_spec_says():
+    # ViT-B/16 at 384 px with Turbo r=30: 577 tokens down to 217 (specs/methods.md 2.3)
+    assert token_schedule(577, parse_r(12, 30), threshold=100)[-1] == 217
+    full = flops.vit_flops([577] * 13, embed_dim=768, num_heads=12)
+    assert full == pytest.approx(110.967164928e9, rel=1e-12)  # counted on LAVIS's ViT-B/16 at 384 px
+
+
+def test_peak_memory_follows_live_tensors():
+    layer = nn.Linear(100, 100)
+    x = torch.randn(10, 100)
+    element = 4
+
+    def step():
+        y = layer(x)  # 1000 floats
+        z = y * 2  # 1000 more, both alive
+        del y
+        return z + 1  # y freed: two tensors alive again
+
+    with torch.no_grad(), PeakMemory(CPU, list(layer.parameters()) + [x]) as memory:
+        step()
+    resident = (100 * 100 + 100 + 10 * 100) * element
+    assert memory.peak_bytes == resident + 2 * 1000 * element
+
+
+def test_parameter_use_counts_only_what_the_step_reads():
+    model = nn.ModuleDict({"used": nn.Linear(4, 3), "momentum_copy": nn.Linear(4, 3)})
+    with torch.no_grad(), ParameterUse(model) as use:
+        model["used"](torch.randn(2, 4))
+    assert use.count == 4 * 3 + 3
+
+
+def test_time_interleaved_rotates_the_order_and_warms_up_each_setting():
+    calls = []
+    contenders = [Contender(name, lambda name=name: calls.append(("activate", name)),
+                            lambda name=name: calls.append(("step", name))) for name in "abc"]
+    rates = time_interleaved(contenders, samples_per_step=4, device=CPU, warmup=2, repeats=3)
+    steps = [name for kind, name in calls if kind == "step"]
+    assert steps[:6] == ["a", "a", "b", "b", "c", "c"]
+    assert steps[6:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert all(len(values) == 3 and min(values) > 0 for values in rates.values())
+
+
+def test_median_and_spread():
+    assert median_and_spread([1.0, 2.0, 3.0, 4.0, 100.0]) == (3.0, 2.0)
+    assert median_and_spread([5.0]) == (5.0, 0.0)
+
+
+def test_bench_settings_add_parent_and_sdpa_and_carry_only_shared_settings():
+    block = {"name": "turbo", "r": 30, "alpha": 5, "threshold": 100, "prop_attn": True}
+    settings = bench_settings(["tome", "turbo"], [0, 30], block)
+    labels = [setting.label for setting in settings]
+    assert labels == ["parent (LAVIS)", "tome r=0 (SDPA only)", "tome r=30", "turbo r=0", "turbo r=30"]
+    tome, turbo = settings[2].reducer, settings[4].reducer
+    assert (tome.alpha, tome.threshold) == (0.0, 100)
+    assert (turbo.alpha, turbo.threshold) == (5.0, 100)
+
+
+def test_bench_settings_need_a_reducer():
+    with pytest.raises(ValueError, match="--reducer"):
+        bench_settings([], [30], None)
+
+
+def test_run_benchmark_writes_json_markdown_and_plot(tmp_path):
+    settings = bench_settings(["tome", "turbo"], [4], {"name": "turbo", "threshold": 1})
+    options = BenchOptions(parts=("vision",), batch_size=2, warmup=0, repeats=2, device=CPU)
+    records = run_benchmark(VisionOnly(), settings, options, 64, {"arch": "tiny", "model_type": "test"})
+    paths = report.write_reports(records, str(tmp_path))
+
+    assert [os.path.basename(path) for path in paths] == ["bench.json", "bench.md", "bench.png"]
+    loaded = json.loads((tmp_path / "bench.json").read_text())
+    assert len(loaded) == 4 and all(REQUIRED_KEYS <= set(record) for record in loaded)
+    parent, sdpa, tome, turbo = loaded
+    assert parent["vision_flops_ratio"] == 1.0 and tome["vision_flops_ratio"] > 1.0
+    assert tome["vision_tokens_out"] == tome["vision_tokens_expected"] == 65 - 4 * 4
+    assert all(record["vision_gflops"] == pytest.approx(record["vision_gflops_analytic"]) for record in loaded)
+    assert loaded[0]["task_gflops"] is None  # the task part was not asked for
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "bench.md").read_text().count("\n| ") == 1 + len(records)
+
+
+def test_worker_refuses_an_unknown_arch_in_one_line(capsys):
+    assert worker.main(["--arch", "no_such_arch", "--model-type", "coco"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no_such_arch" in err and "\n" not in err
+
+
+def test_worker_refuses_a_bad_count_in_one_line(capsys):
+    assert worker.main(["--arch", "blip_retrieval", "--model-type", "coco", "--repeats", "0"]) == 2
+    assert "--repeats must be >= 1" in capsys.readouterr().err
+
+
+TASK_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import lavis_accel
+    from lavis_accel.bench.runner import BenchOptions, run_benchmark
+    from lavis_accel.bench.settings import bench_settings
+    from lavis_accel.testing.tiny_models import TINY_IMAGE_SIZE, build_tiny
+
+    results = {}
+    for arch, model_type in [("blip_retrieval", "coco"), ("blip_caption", "base_coco"), ("blip_vqa", "vqav2"),
+                             ("blip_nlvr", "nlvr")]:
+        model = build_tiny(arch, model_type, is_eval=True)
+        settings = bench_settings(["turbo"], [4], {"name": "turbo", "threshold": 1})
+        options = BenchOptions(parts=("task",), task_batch_size=1, candidates=2, warmup=0, repeats=1)
+        results[arch] = run_benchmark(model, settings, options, TINY_IMAGE_SIZE, {"arch": arch, "model_type": model_type})
+    with open(sys.argv[1], "w") as handle:  # not stdout: transformers prints there when it sees a new cache
+        json.dump(results, handle)
+""")
+
+
+def test_every_task_step_runs_and_counts_on_tiny_models(tmp_path):
+    """Each task's inference step (retrieval ITC+ITM, caption beams, VQA rank, NLVR2) on a tiny BLIP model, in a
+    process started with the offline hub (transformers must see it at import)."""
+    write_offline_hub(str(tmp_path / "hub"))
+    env = {**os.environ, **offline_env(str(tmp_path / "hub"))}
+    results_path = tmp_path / "results.json"
+    done = subprocess.run([sys.executable, "-c", TASK_SCRIPT, str(results_path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(results_path.read_text())
+    for arch, (parent, sdpa, turbo) in results.items():
+        assert REQUIRED_KEYS <= set(parent), arch
+        assert parent["task_gflops"] > 0 and parent["params"] > 0 and parent["peak_mem_mb"] > 0, arch
+        if arch != "blip_caption":  # beam search may stop at another length once tokens are merged
+            assert turbo["flops_ratio"] > 1.0, arch
+    nlvr, retrieval = results["blip_nlvr"][0], results["blip_retrieval"][0]
+    assert retrieval["params"] < retrieval["params_total"]  # momentum encoders are not used at inference
+    assert nlvr["task"].startswith("nlvr2")

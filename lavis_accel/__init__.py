@@ -10,6 +10,7 @@ compat.ensure_torchvision_importable()
 
 from lavis_accel import registration  # noqa: E402
 from lavis_accel import processors  # noqa
+from lavis_accel import models  # noqa
 
 compat.enable_cpu_runner()
 compat.enable_safe_checkpoints()

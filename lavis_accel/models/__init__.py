@@ -1,0 +1,10 @@
+"""The plugin's model-side extensions of LAVIS, activated by ``import lavis_accel``.
+
+- ``vit_types``: ``vit_type: tiny | small`` (and explicit ``vit_width``/``vit_depth``/... keys) for BLIP's ViT.
+- ``eva_types``: ``vit_model: eva_vit_tiny`` for BLIP-2's vision encoder.
+- ``clip_types``: CLIP ``model_type: ViT-Tiny-16``.
+- ``optional_pretrained``: ``load_pretrained: False`` builds a model without loading a checkpoint.
+- ``blip_turbo``: the registered ``blip_<task>_turbo`` variants (LAVIS parent + Turbo/ToMe reducer).
+"""
+from lavis_accel.models import clip_types, eva_types, optional_pretrained, vit_types  # noqa: F401
+from lavis_accel.models import blip_turbo  # noqa: F401,E402  (after vit_types: the variants build tiny ViTs too)

@@ -1,0 +1,143 @@
+"""Tiny, randomly initialised LAVIS models built through LAVIS's own registry and ``from_config``.
+
+:func:`tiny_model_config` gives the config keys that shrink a model of a LAVIS family (BLIP, BLIP-2, CLIP, and any
+registered subclass of them, such as the plugin's variants); :func:`build_tiny` loads the arch's default yaml for a
+model type, applies those keys, and calls ``from_config``, as LAVIS's ``load_model`` does with a real checkpoint.
+Project yamls and the demo use the same keys, so a tiny model built here and one built by LAVIS's runner match.
+
+BLIP and BLIP-2 fetch tokenizers and the Q-Former's BERT from the hub: building them needs the offline hub of
+:mod:`lavis_accel.testing.hub` to be active (its environment set before transformers was imported).
+"""
+import json
+
+from lavis.common.registry import registry
+from lavis.common.utils import get_abs_path
+from lavis.models import load_preprocess
+from lavis.models.blip2_models.blip2 import Blip2Base
+from lavis.models.blip_models.blip import BlipBase
+from lavis.models.clip_models.model import CLIP
+from omegaconf import OmegaConf
+
+from lavis_accel.models.clip_types import TINY_CLIP_TYPE
+from lavis_accel.models.reduced import packaged_config
+from lavis_accel.models.vit_types import vit_type_size
+from lavis_accel.testing import hub
+
+TINY_IMAGE_SIZE = 96
+TINY_VIT_TYPE = "tiny"
+TINY_EVA_VIT = "eva_vit_tiny"
+TINY_NUM_QUERY_TOKEN = 8
+TINY_QUEUE_SIZE = 256  # divisible by every power-of-two batch size up to 256
+TINY_EMBED_DIM = 128
+STOCK_VIT_DEPTHS = {"base": 12, "large": 24}
+
+
+TINY_MED_CONFIG = packaged_config("med_config_tiny.json")
+
+
+def _family(model_cls):
+    for family, base in (("blip2", Blip2Base), ("blip", BlipBase), ("clip", CLIP)):
+        if issubclass(model_cls, base):
+            return family
+    raise ValueError(f"arch: no tiny configuration for {model_cls.__name__} (BLIP, BLIP-2 and CLIP families only)")
+
+
+def _default_model_type(model_cls, family):
+    return TINY_CLIP_TYPE if family == "clip" else next(iter(model_cls.PRETRAINED_MODEL_CONFIG_DICT))
+
+
+def parent_config(arch, model_type=None):
+    """The ``model`` section of the arch's default yaml for ``model_type`` (its first type when None)."""
+    model_cls = registry.get_model_class(arch)
+    if model_cls is None:
+        raise ValueError(f"arch: '{arch}' is not a registered LAVIS model")
+    model_type = model_type or _default_model_type(model_cls, _family(model_cls))
+    return OmegaConf.load(model_cls.default_config_path(model_type)).model
+
+
+def _scaled_ckpt_layer(parent):
+    """Gradient-checkpoint the same share of the tiny ViT's blocks as the parent does of its own (at least one)."""
+    parent_layers = parent.get("vit_ckpt_layer", 0)
+    if not parent.get("vit_grad_ckpt", False) or not parent_layers:
+        return parent_layers
+    tiny_depth = vit_type_size(TINY_VIT_TYPE)["depth"]
+    parent_depth = STOCK_VIT_DEPTHS.get(parent.get("vit_type", "base"), tiny_depth)
+    return max(1, min(tiny_depth, round(parent_layers * tiny_depth / parent_depth)))
+
+
+def tiny_model_config(arch, model_type=None):
+    """The model config keys (a plain dict) that make ``arch``/``model_type`` tiny and randomly initialised."""
+    parent = parent_config(arch, model_type)
+    family = _family(registry.get_model_class(arch))
+    if family == "clip":
+        return {"model_type": TINY_CLIP_TYPE, "pretrained": ""}
+    tiny = {"load_finetuned": False, "load_pretrained": False, "image_size": TINY_IMAGE_SIZE}
+    if family == "blip":
+        tiny.update(vit_type=TINY_VIT_TYPE, med_config_path=TINY_MED_CONFIG, vit_ckpt_layer=_scaled_ckpt_layer(parent))
+        if "queue_size" in parent:
+            tiny.update(queue_size=TINY_QUEUE_SIZE)
+        if "embed_dim" in parent:
+            tiny.update(embed_dim=TINY_EMBED_DIM)
+    else:
+        tiny.update(vit_model=TINY_EVA_VIT, num_query_token=TINY_NUM_QUERY_TOKEN)
+        if "opt_model" in parent:
+            tiny.update(opt_model=hub.TINY_OPT_REPO)
+        if "t5_model" in parent:
+            tiny.update(t5_model=hub.TINY_T5_REPO)
+    return tiny
+
+
+def _check_offline_hub(family, cfg):
+    if family == "clip":
+        return
+    active = hub.active_hub()
+    if active is None:
+        raise RuntimeError("offline hub: none is active; write_offline_hub(root) and start the process with "
+                           "offline_env(root) set (see lavis_accel.testing.hub)")
+    if family == "blip":
+        with open(get_abs_path(cfg.med_config_path), encoding="utf-8") as f:
+            vocab_size = json.load(f)["vocab_size"]
+        needed = active["bert_vocab_size"] + 2  # BLIP adds [DEC] and [ENC]
+        if vocab_size < needed:
+            raise ValueError(f"med_config_path: vocab_size {vocab_size} is below the {needed} tokens of the offline "
+                             f"hub's tokenizer (bert_vocab_size {active['bert_vocab_size']})")
+
+
+def tiny_config(arch, model_type=None, **overrides):
+    """The full model config ``build_tiny`` uses: default yaml, then :func:`tiny_model_config`, then overrides."""
+    cfg = parent_config(arch, model_type)
+    cfg = OmegaConf.merge(cfg, tiny_model_config(arch, model_type), overrides)
+    cfg.arch = arch
+    return cfg
+
+
+def build_tiny(arch, model_type=None, *, is_eval=False, device="cpu", **overrides):
+    """Build a tiny random ``arch`` model (``model_type``: its default yaml) through ``from_config``.
+
+    ``overrides`` are model config keys applied last (e.g. ``vit_depth=2``, ``image_size=64``). Like LAVIS's
+    ``load_model``, on the CPU the model is cast to float32 (BLIP-2 keeps its ViT in fp16 and T5 in bf16 otherwise).
+    """
+    model_cls = registry.get_model_class(arch)
+    cfg = tiny_config(arch, model_type, **overrides)
+    _check_offline_hub(_family(model_cls), cfg)
+    model = model_cls.from_config(cfg)
+    if is_eval:
+        model.eval()
+    if str(device) == "cpu":
+        model = model.float()
+    return model.to(device)
+
+
+def load_tiny_model_and_preprocess(arch, model_type=None, *, is_eval=False, device="cpu", **overrides):
+    """Like LAVIS's ``load_model_and_preprocess``, for a tiny model: ``(model, vis_processors, txt_processors)``.
+
+    The processors are the default yaml's, with every image processor's ``image_size`` set to the model's.
+    """
+    model = build_tiny(arch, model_type, is_eval=is_eval, device=device, **overrides)
+    model_type = model_type or _default_model_type(registry.get_model_class(arch), _family(type(model)))
+    preprocess = OmegaConf.load(registry.get_model_class(arch).default_config_path(model_type)).preprocess
+    image_size = tiny_config(arch, model_type, **overrides).get("image_size", TINY_IMAGE_SIZE)
+    for split in preprocess.get("vis_processor", {}).values():
+        split.image_size = image_size
+    vis_processors, txt_processors = load_preprocess(preprocess)
+    return model, vis_processors, txt_processors

@@ -8,7 +8,8 @@ other text.
 - :func:`write_bert_tokenizer`: a WordPiece ``vocab.txt`` for ``BertTokenizer`` (BLIP, BLIP-2's Q-Former), at an
   exact size if asked (``30522`` matches bert-base-uncased, so embedding and LM-head costs are the real ones).
 - :func:`write_opt_tokenizer`: a byte-level BPE for ``GPT2Tokenizer``, with OPT's special tokens and ids.
-- :func:`write_t5_tokenizer`: a sentencepiece-style ``tokenizer.json`` for ``T5TokenizerFast``, with T5's special tokens and ids.
+- :func:`write_t5_tokenizer`: a sentencepiece-style ``tokenizer.json`` for ``T5TokenizerFast``, with T5's special
+  tokens and ids.
 """
 import json
 import os

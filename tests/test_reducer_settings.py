@@ -28,6 +28,14 @@ def test_from_an_omegaconf_block_with_every_schedule_form():
     assert ReducerSettings.from_config({"name": "tome", "r": (8, -1)}).r == (8, -1.0)
 
 
+def test_tome_block_ignores_turbo_knobs_but_direct_settings_are_checked():
+    # a Turbo model's default block switched to tome by its name keeps alpha/beta/gamma after yaml merging
+    tome = ReducerSettings.from_config({"name": "tome", "r": 4, "alpha": 5, "beta": 2, "gamma": 1})
+    assert (tome.alpha, tome.beta, tome.gamma, tome.r) == (0.0, 1.0, 0.0, 4)
+    with pytest.raises(SettingError, match="reducer setting 'alpha' is fixed to 0 for 'tome'"):
+        ReducerSettings(name="tome", r=4, alpha=5.0, beta=1.0, gamma=0.0, threshold=40, prop_attn=True)
+
+
 @pytest.mark.parametrize(
     "block, message",
     [
@@ -43,7 +51,6 @@ def test_from_an_omegaconf_block_with_every_schedule_form():
         ({"name": "turbo", "threshold": 40.5}, "reducer setting 'threshold' must be an integer >= 1"),
         ({"name": "turbo", "prop_attn": "yes"}, "reducer setting 'prop_attn' must be True or False"),
         ({"name": "turbo", "ratio": 0.5}, "reducer setting 'ratio' is not known for 'turbo'"),
-        ({"name": "tome", "alpha": 5}, "reducer setting 'alpha' is fixed to 0 for 'tome'"),
         ({"name": "madness"}, "reducer name 'madness' is not known: use one of tome, turbo"),
         ({"r": 3}, "reducer name None is not known"),
     ],

@@ -22,6 +22,9 @@ DEFAULTS = {
     "turbo": {"r": 0, "alpha": 5.0, "beta": 1.0, "gamma": 0.0, "threshold": 40, "prop_attn": True},
 }
 KNOWN_REDUCERS = tuple(DEFAULTS)
+# Turbo's own knobs: a reducer block switched to ``name: tome`` (e.g. over a Turbo model's default block, which
+# yaml merging keeps) may still carry them; ToMe has no use for them, so ``from_config`` drops them for ``tome``.
+TURBO_ONLY = ("alpha", "beta", "gamma")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,13 +51,18 @@ class ReducerSettings:
 
     @classmethod
     def from_config(cls, cfg):
-        """Build from a ``reducer:`` block: an OmegaConf DictConfig or a plain mapping with a ``name`` key."""
+        """Build from a ``reducer:`` block: an OmegaConf DictConfig or a plain mapping with a ``name`` key.
+
+        Unset settings take the reducer's defaults; for ``tome``, Turbo's ``alpha``/``beta``/``gamma`` are ignored.
+        """
         values = plain_config(cfg)
         name = _checked_name(values.pop("name", None))
         fields = [field.name for field in dataclasses.fields(cls) if field.name != "name"]
         for key in values:
             if key not in fields:
                 raise SettingError(f"reducer setting {key!r} is not known for {name!r}: use {', '.join(fields)}")
+        if name == "tome":
+            values = {key: value for key, value in values.items() if key not in TURBO_ONLY}
         return cls(name=name, **{**DEFAULTS[name], **values})
 
     def __post_init__(self):

@@ -78,7 +78,15 @@ def build_runner(cfg_path, options=None):
         config_checks.check_checkpoint_fits(model, path, key)
 
     runner_cls = registry.get_runner_class(cfg.run_cfg.get("runner", "runner_base"))
+    _forget_previous_job_paths()
     return runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
+
+
+def _forget_previous_job_paths():
+    """Let a second job run in this process: LAVIS's runner registers its output paths, and the registry refuses a
+    name registered twice."""
+    for name in ("output_dir", "result_dir"):
+        registry.mapping["paths"].pop(name, None)
 
 
 def train(args):

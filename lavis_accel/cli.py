@@ -9,6 +9,8 @@ from lavis_accel.errors import SettingError
 SUBCOMMANDS = {
     "train": ("lavis_accel.jobs", "train", "train a LAVIS project yaml (LAVIS's train.py)"),
     "evaluate": ("lavis_accel.jobs", "evaluate", "evaluate a LAVIS project yaml (LAVIS's evaluate.py)"),
+    "bench": ("lavis_accel.bench.cli", "run", "FLOPs, throughput and memory of an accelerated arch vs its parent"),
+    "demo": ("lavis_accel.demo", "run", "train, evaluate and compare accelerated models on synthetic data (CPU)"),
 }
 
 

@@ -1,0 +1,57 @@
+"""The demo's outputs: one printed table, ``results.json`` and a recall-versus-GFLOPs plot."""
+import dataclasses
+import json
+import os
+
+COLUMNS = (
+    ("setting", "setting", "{}"),
+    ("txt_r1", "txt R@1", "{:.1f}"), ("txt_r5", "R@5", "{:.1f}"), ("txt_r10", "R@10", "{:.1f}"),
+    ("img_r1", "img R@1", "{:.1f}"), ("img_r5", "R@5", "{:.1f}"), ("img_r10", "R@10", "{:.1f}"),
+    ("vision_gflops", "ViT GFLOPs", "{:.4f}"), ("vision_speedup", "ViT speed-up", "{:.2f}x"),
+    ("task_gflops", "retrieval GFLOPs", "{:.4f}"), ("task_speedup", "retrieval speed-up", "{:.2f}x"),
+)
+
+
+def table(rows):
+    """A markdown table of recall (LAVIS's retrieval metrics, test split) next to counted cost and speed-up."""
+    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+             "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def _plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    parent = next(row for row in rows if row["reducer"] is None)
+    for reducer, marker in (("tome", "s"), ("turbo", "o")):
+        points = [parent] + [row for row in rows if row["reducer"] == reducer]
+        ax.plot([p["vision_gflops"] for p in points], [p["r_mean"] for p in points], marker=marker, label=reducer)
+        for p in points[1:]:
+            ax.annotate(f"r={p['r']}", (p["vision_gflops"], p["r_mean"]), fontsize=7)
+    ax.set_xlabel("ViT GFLOPs per image (counted)")
+    ax.set_ylabel("mean recall (R@1/5/10, both directions)")
+    ax.set_title("Small BLIP retrieval on synthetic scenes")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write(rows, settings, checkpoint):
+    """Write ``results.json``, ``results.md`` and ``recall_vs_gflops.png`` into the workdir; return their paths."""
+    out = settings.workdir
+    json_path = os.path.join(out, "results.json")
+    with open(json_path, "w", encoding="utf-8") as f:
+        json.dump({"checkpoint": checkpoint, "settings": dataclasses.asdict(settings), "results": rows}, f, indent=2, default=str)
+    md_path = os.path.join(out, "results.md")
+    with open(md_path, "w", encoding="utf-8") as f:
+        f.write(table(rows) + "\n")
+    return [json_path, md_path, _plot(rows, os.path.join(out, "recall_vs_gflops.png"))]

@@ -1,0 +1,67 @@
+"""The demo's knobs, with defaults that fit about ten minutes on two CPU cores."""
+import argparse
+import os
+from dataclasses import dataclass, fields
+from typing import Tuple
+
+from lavis_accel.errors import SettingError
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    workdir: str = "output/demo"
+    n_train: int = 5000
+    n_val: int = 100
+    n_test: int = 200
+    epochs: int = 6
+    batch_size: int = 32
+    k_test: int = 16
+    r_values: Tuple[int, ...] = (2, 4, 6)
+    seed: int = 42
+
+    @classmethod
+    def from_args(cls, args):
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+        if "r_values" in values:
+            values["r_values"] = tuple(values["r_values"])
+        values["workdir"] = os.path.abspath(values.get("workdir", cls.workdir))
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self):
+        for name in ("n_train", "n_val", "n_test", "epochs", "batch_size", "k_test"):
+            if getattr(self, name) < 1:
+                raise SettingError(f"demo --{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.k_test > self.n_test:
+            raise SettingError(f"demo --k-test ({self.k_test}) must not exceed --n-test ({self.n_test})")
+        if self.batch_size > self.n_train:
+            raise SettingError(f"demo --batch-size ({self.batch_size}) must not exceed --n-train ({self.n_train})")
+        if any(r < 1 for r in self.r_values):
+            raise SettingError(f"demo --r-values must be positive, got {list(self.r_values)}")
+        return self
+
+    def argv(self):
+        """These settings as command-line options (for the worker process)."""
+        argv = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            flag = "--" + f.name.replace("_", "-")
+            argv += [flag] + ([str(v) for v in value] if isinstance(value, tuple) else [str(value)])
+        return argv
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    default = DemoSettings()
+    parser.add_argument("--workdir", help=f"where data, checkpoints and results go (default: {default.workdir})")
+    parser.add_argument("--n-train", type=int, help=f"training images (default: {default.n_train})")
+    parser.add_argument("--n-val", type=int, help=f"validation images (default: {default.n_val})")
+    parser.add_argument("--n-test", type=int, help=f"test images (default: {default.n_test})")
+    parser.add_argument("--epochs", type=int, help=f"training epochs (default: {default.epochs})")
+    parser.add_argument("--batch-size", type=int, help=f"training batch size (default: {default.batch_size})")
+    parser.add_argument("--k-test", type=int, help=f"ITM re-ranking candidates (default: {default.k_test})")
+    parser.add_argument("--r-values", type=int, nargs="+",
+                        help=f"tokens merged per ViT block, one setting each (default: {list(default.r_values)})")
+    parser.add_argument("--seed", type=int, help=f"seed of data and training (default: {default.seed})")
+    return parser
+

@@ -14,6 +14,7 @@ from lavis_accel import models  # noqa
 
 compat.enable_cpu_runner()
 compat.enable_safe_checkpoints()
+compat.skip_spice_when_offline()
 registration.refresh_model_zoo()
 
 from lavis_accel.patch import apply, remove  # noqa: E402

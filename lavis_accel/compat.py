@@ -209,3 +209,48 @@ def enable_safe_checkpoints():
     runner_cls._save_checkpoint = _save_checkpoint
     runner_cls._load_checkpoint = _load_checkpoint
     runner_cls._lavis_accel_safe_checkpoints = True
+
+
+class _SpiceUnavailable:
+    """Stands in for pycocoevalcap's SPICE scorer when Stanford CoreNLP is absent and cannot be downloaded."""
+
+    def compute_score(self, gts, res):
+        return float("nan"), [float("nan")] * len(gts)
+
+    def method(self):
+        return "SPICE (skipped: Stanford CoreNLP unavailable)"
+
+
+def skip_spice_when_offline():
+    """Let COCO caption evaluation run offline: SPICE is left out with a warning, never reported as 0.
+
+    pycocoevalcap's SPICE downloads Stanford CoreNLP (about 400 MB) the first time it is built; offline that raises
+    and LAVIS's caption evaluation fails after the whole test split was captioned. Where the jar is present, or the
+    download works, nothing changes. Otherwise SPICE is skipped and removed from the reported metrics.
+    """
+    import pycocoevalcap.eval as cap_eval
+
+    if getattr(cap_eval, "_lavis_accel_spice_guard", False):
+        return
+    stock_spice = cap_eval.Spice
+    stock_evaluate = cap_eval.COCOEvalCap.evaluate
+
+    def spice_or_skip():
+        try:
+            return stock_spice()
+        except OSError as err:  # urllib's URLError and socket errors are OSErrors
+            logger.warning("SPICE skipped, not reported: Stanford CoreNLP is not installed for pycocoevalcap and "
+                           "could not be downloaded (%s)", err)
+            return _SpiceUnavailable()
+
+    def evaluate(self):
+        stock_evaluate(self)
+        if isinstance(self.eval.get("SPICE"), float) and self.eval["SPICE"] != self.eval["SPICE"]:  # NaN: skipped
+            del self.eval["SPICE"]
+            for scores in self.imgToEval.values():
+                scores.pop("SPICE", None)
+            self.setEvalImgs()
+
+    cap_eval.Spice = spice_or_skip
+    cap_eval.COCOEvalCap.evaluate = evaluate
+    cap_eval._lavis_accel_spice_guard = True

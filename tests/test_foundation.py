@@ -1,0 +1,138 @@
+"""Install-level behaviour: import and registration, and the guarded compatibility fixes of ``compat``."""
+import importlib
+import os
+import urllib.error
+
+import pytest
+import torch
+
+import lavis_accel
+from lavis.common.registry import registry
+from lavis_accel import compat, registration
+
+PLUGIN_ARCHS = {
+    "blip_retrieval_turbo": ["coco", "flickr"],
+    "blip_caption_turbo": ["base_coco", "large_coco"],
+    "blip_vqa_turbo": ["vqav2"],
+    "blip_nlvr_turbo": ["nlvr"],
+}
+
+
+def test_import_registers_models_and_reducers():
+    for arch, types in PLUGIN_ARCHS.items():
+        assert list(registry.get_model_class(arch).PRETRAINED_MODEL_CONFIG_DICT) == types
+    for name in ("tome", "turbo"):
+        assert registry.get_processor_class(name) is not None
+
+
+def test_model_zoo_lists_plugin_archs_next_to_lavis():
+    import lavis.models
+
+    text = str(lavis.models.model_zoo)
+    assert "blip_retrieval " in text and "blip2_opt" in text
+    for arch, types in PLUGIN_ARCHS.items():
+        assert f"{arch:<30} {', '.join(types)}" in text
+
+
+def test_importing_again_and_reloading_raises_nothing():
+    importlib.import_module("lavis_accel")
+    importlib.reload(importlib.import_module("lavis_accel.models.blip_turbo"))
+    importlib.reload(importlib.import_module("lavis_accel.processors.reducers"))
+    assert registry.get_model_class("blip_retrieval_turbo").__name__ == "BlipRetrievalTurbo"
+
+
+def test_a_taken_name_is_refused_in_one_line():
+    from lavis.models.base_model import BaseModel
+
+    class Impostor(BaseModel):
+        PRETRAINED_MODEL_CONFIG_DICT = {}
+
+    with pytest.raises(KeyError, match="model name 'blip_retrieval' is already registered by lavis"):
+        registration.register_model("blip_retrieval")(Impostor)
+
+
+def test_stock_lavis_classes_are_untouched():
+    from lavis.models.blip_models.blip_retrieval import BlipRetrieval
+    from lavis.models.vit import Attention, Block
+
+    assert registry.get_model_class("blip_retrieval") is BlipRetrieval
+    assert Block.forward.__module__ == Attention.forward.__module__ == "lavis.models.vit"
+
+
+def test_torchvision_imports_and_fix_is_idempotent():
+    compat.ensure_torchvision_importable()
+    import torchvision.transforms  # noqa: F401
+
+
+def test_cpu_runner_fixes_are_idempotent_and_narrow():
+    import lavis.runners.runner_base as runner_base
+
+    model_property = runner_base.RunnerBase.model
+    compat.enable_cpu_runner()
+    compat.enable_safe_checkpoints()
+    assert runner_base.RunnerBase.model is model_property
+    if not torch.cuda.is_available():
+        assert runner_base.PrefetchLoader is compat._HostLoader
+
+
+def test_barrier_without_process_group_is_skipped_and_other_calls_pass_through():
+    import torch.distributed as dist
+
+    proxy = compat._BarrierIfInitialized(dist)
+    assert proxy.barrier() is None
+    assert proxy.is_initialized() is False
+
+
+def test_checkpoints_are_written_atomically(tmp_path):
+    target = tmp_path / "checkpoint_0.pth"
+    target.write_bytes(b"previous")
+
+    def failing_save(obj, f, *args, **kwargs):
+        with open(f, "wb") as handle:
+            handle.write(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        compat._save_atomically(failing_save)({"model": {}}, str(target))
+    assert target.read_bytes() == b"previous"
+    assert os.listdir(tmp_path) == ["checkpoint_0.pth"]
+    compat._save_atomically(torch.save)({"epoch": 3}, str(target))
+    assert torch.load(target)["epoch"] == 3
+
+
+def test_resume_accepts_only_missing_frozen_parameters():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    model[1].weight.requires_grad_(False)
+    model[1].bias.requires_grad_(False)
+    load = compat._load_allowing_frozen_missing(model, model.load_state_dict)
+    trainable = {k: v for k, v in model.state_dict().items() if k.startswith("0.")}
+    load(trainable)
+    with pytest.raises(RuntimeError, match=r"missing \['0.bias'\]"):
+        load({"0.weight": trainable["0.weight"]})
+
+
+def test_spice_is_skipped_not_zeroed_when_corenlp_cannot_be_fetched(tmp_path, monkeypatch, caplog):
+    import json
+
+    import pycocoevalcap.spice.spice as spice_module
+    from pycocoevalcap.eval import COCOEvalCap
+    from pycocotools.coco import COCO
+
+    def offline():
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(spice_module, "get_stanford_models", offline)
+    gt = {"images": [{"id": 1}], "annotations": [{"image_id": 1, "id": 1, "caption": "a red circle"}],
+          "type": "captions", "info": {}, "licenses": []}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "res.json").write_text(json.dumps([{"image_id": 1, "caption": "a red circle"}]))
+    coco = COCO(str(tmp_path / "gt.json"))
+    evaluation = COCOEvalCap(coco, coco.loadRes(str(tmp_path / "res.json")))
+    evaluation.evaluate()
+    assert "SPICE" not in evaluation.eval and "SPICE" not in evaluation.evalImgs[0]
+    assert evaluation.eval["CIDEr"] >= 0 and "Bleu_4" in evaluation.eval
+    assert "SPICE skipped" in caplog.text
+
+
+def test_public_api():
+    assert callable(lavis_accel.apply) and callable(lavis_accel.remove)

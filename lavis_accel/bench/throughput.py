@@ -38,7 +38,7 @@ def time_interleaved(
     if repeats < 1 or warmup < 0:
         raise ValueError(f"time_interleaved: repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     rates = {contender.name: [] for contender in contenders}
-    for contender in contenders:
+    for contender in contenders if warmup else ():
         contender.activate()
         for _ in range(warmup):
             contender.step()

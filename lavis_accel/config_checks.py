@@ -4,6 +4,7 @@ LAVIS itself reports most of these as bare ``assert`` failures or deep traceback
 attribute ...``), sometimes after minutes of model building; a wrong checkpoint is even loaded silently, its
 mismatched tensors dropped.
 """
+import contextlib
 import difflib
 import os
 
@@ -14,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lavis.common.registry import registry
 from lavis.common.utils import get_cache_path, is_url
+from lavis.models.base_model import BaseModel
 from lavis_accel.errors import SettingError
 
 
@@ -103,6 +105,28 @@ def checkpoint_paths(cfg):
     return {key: path for key, path in paths.items() if path and not is_url(path)}
 
 
+@contextlib.contextmanager
+def checking_model_checkpoints(cfg):
+    """While a model is built, check its local ``finetuned``/``pretrained`` file fits it before LAVIS loads it.
+
+    LAVIS loads checkpoints inside ``from_config`` (``BaseModel.load_checkpoint_from_config``), after the model is
+    constructed: the check runs there, on the constructed model, so nothing is loaded twice or built twice.
+    """
+    paths = {key: path for key, path in checkpoint_paths(cfg).items() if key.startswith("model.")}
+    stock = BaseModel.load_checkpoint_from_config
+
+    def load_checkpoint_from_config(self, model_cfg, **kwargs):
+        for key, path in paths.items():
+            check_checkpoint_fits(self, path, key, shapes_must_match=key == "model.finetuned")
+        return stock(self, model_cfg, **kwargs)
+
+    BaseModel.load_checkpoint_from_config = load_checkpoint_from_config
+    try:
+        yield
+    finally:
+        BaseModel.load_checkpoint_from_config = stock
+
+
 def check_checkpoint_files(cfg):
     for key, path in checkpoint_paths(cfg).items():
         if not os.path.isfile(path):
@@ -120,17 +144,19 @@ def _load_state_dict(path, key):
     return state_dict
 
 
-def check_checkpoint_fits(model, path, key):
-    """Fail if the checkpoint at ``path`` shares no tensor with ``model`` or has one of a different shape.
+def check_checkpoint_fits(model, path, key, shapes_must_match=True):
+    """Fail if the checkpoint at ``path`` shares no tensor name with ``model`` or (``shapes_must_match``) has one
+    of a different shape.
 
-    Position embeddings are exempt: LAVIS interpolates them to the model's image size.
+    Position embeddings are exempt: LAVIS interpolates them to the model's image size. Pre-trained checkpoints are
+    checked for names only: LAVIS deliberately drops their tensors whose shape differs (e.g. another head size).
     """
     state_dict = _load_state_dict(path, key)
     model_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     shared = [name for name in state_dict if name in model_shapes]
     if not shared:
         raise SettingError(f"{key}: {path} shares no parameter names with {type(model).__name__}")
-    mismatched = [
+    mismatched = shapes_must_match and [
         name for name in shared
         if torch.is_tensor(state_dict[name]) and tuple(state_dict[name].shape) != model_shapes[name]
         and not name.endswith("pos_embed")

@@ -23,5 +23,5 @@ class ReducedModel:
         reducer_cfg = cfg.get("reducer")
         if reducer_cfg is None:
             raise SettingError(f"model.reducer: {cls.__name__} needs a reducer block (name, r, ...)")
-        model = super().from_config(cfg)
-        return build_reducer(reducer_cfg)(model)
+        reducer = build_reducer(reducer_cfg)  # bad settings fail here, before a checkpoint is fetched and loaded
+        return reducer(super().from_config(cfg))

@@ -20,7 +20,7 @@ from lavis.models.vit import Attention, Block, VisionTransformer
 
 from lavis_accel.errors import SettingError
 from lavis_accel.reduce.attention import attention
-from lavis_accel.reduce.merge import merge_wavg, parse_r, proportional_bias
+from lavis_accel.reduce.merge import effective_r, merge_wavg, parse_r, proportional_bias
 from lavis_accel.reduce.settings import ReducerSettings
 from lavis_accel.reduce.turbo import informativity_matching
 
@@ -148,23 +148,16 @@ def _reducing_block_forward(block: Block, x, register_hook=False):
     if index == 0:
         state.start_forward(x.shape[1])
     size = state.size if settings.prop_attn else None
-    out, metric, cls_row = block.attn(block.norm1(x), size, settings.alpha > 0)
+    scheduled_r = state.r_per_block[index]
+    r = effective_r(x.shape[1], scheduled_r, settings.threshold)  # from the shape: no host sync
+    out, metric, cls_row = block.attn(block.norm1(x), size, settings.alpha > 0 and r > 0)
     x = x + block.drop_path(out)
-    r = state.r_per_block[index]
     if r > 0:
         merge = informativity_matching(
-            metric,
-            cls_row,
-            r,
-            settings.alpha,
-            settings.beta,
-            settings.gamma,
-            state.merge_layer,
-            class_token=True,
-            threshold=settings.threshold,
+            metric, cls_row, r, settings.alpha, settings.beta, settings.gamma, state.merge_layer, class_token=True
         )
+        x, state.size = merge_wavg(merge, x, state.size)
+    if scheduled_r > 0:
         state.merge_layer += 1  # Turbo counts every block scheduled to merge, even one the threshold skips
-        if merge is not None:
-            x, state.size = merge_wavg(merge, x, state.size)
     state.token_counts.append(x.shape[1])
     return x + block.drop_path(block.mlp(block.norm2(x)))

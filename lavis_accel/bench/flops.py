@@ -60,7 +60,8 @@ def vit_flops(
     leaving it (so it has depth + 1 entries and starts with patches + [CLS]). A merging block runs attention on
     its input tokens, merges between attention and MLP, and runs the MLP on its output tokens. Merging costs one
     similarity product between the two halves of the tokens on the head-averaged keys (width embed_dim / heads).
-    ``cls_attention_row``: every block also computes the [CLS] query's attention row (Turbo's semantic term).
+    ``cls_attention_row``: every merging block also computes the [CLS] query's attention row (Turbo's semantic
+    term); blocks that merge nothing skip it.
     """
     width = embed_dim
     hidden = int(width * mlp_ratio)
@@ -71,9 +72,9 @@ def vit_flops(
         total += 2 * tokens_in * width * 3 * width  # qkv projection
         total += 2 * tokens_in * tokens_in * 2 * width  # Q K^T and attention x V
         total += 2 * tokens_in * width * width  # output projection
-        if cls_attention_row:
-            total += 2 * tokens_in * width  # q_cls K^T over all heads
         if tokens_out < tokens_in:
+            if cls_attention_row:
+                total += 2 * tokens_in * width  # q_cls K^T over all heads
             set_a, set_b = (tokens_in + 1) // 2, tokens_in // 2  # even / odd token indices
             total += 2 * set_a * set_b * head_width
         total += 2 * tokens_out * width * hidden * 2  # MLP fc1 and fc2

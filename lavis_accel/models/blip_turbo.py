@@ -8,7 +8,8 @@ from lavis.models.blip_models.blip_nlvr import BlipNLVR
 from lavis.models.blip_models.blip_retrieval import BlipRetrieval
 from lavis.models.blip_models.blip_vqa import BlipVQA
 
-from lavis_accel.models.reduced import ReducedModel, packaged_config
+from lavis_accel.configs import packaged_config
+from lavis_accel.models.reduced import ReducedModel
 from lavis_accel.registration import register_model
 
 

@@ -6,7 +6,7 @@ This module adds one entry to each, from files shipped in ``lavis_accel/configs/
 """
 from lavis.models.clip_models import model as clip_model
 
-from lavis_accel.models.reduced import packaged_config
+from lavis_accel.configs import packaged_config
 
 TINY_CLIP_TYPE = "ViT-Tiny-16"
 

@@ -1,12 +1,5 @@
 """The one thing every token-reduction variant adds to its LAVIS parent: a reducer built from ``reducer:``."""
-from importlib import resources
-
 from lavis_accel.errors import SettingError
-
-
-def packaged_config(filename):
-    """Absolute path of a model yaml shipped in ``lavis_accel/configs/models`` (LAVIS keeps absolute paths as is)."""
-    return str(resources.files("lavis_accel") / "configs" / "models" / filename)
 
 
 class ReducedModel:

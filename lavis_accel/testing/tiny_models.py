@@ -19,7 +19,7 @@ from lavis.models.clip_models.model import CLIP
 from omegaconf import OmegaConf
 
 from lavis_accel.models.clip_types import TINY_CLIP_TYPE
-from lavis_accel.models.reduced import packaged_config
+from lavis_accel.configs import packaged_config
 from lavis_accel.models.vit_types import vit_type_size
 from lavis_accel.testing import hub
 

@@ -1,0 +1,11 @@
+"""Config files shipped with the package (model default yamls, architecture jsons), found by absolute path.
+
+LAVIS resolves a model's ``PRETRAINED_MODEL_CONFIG_DICT`` entries against its own package folder, but keeps an
+absolute path as it is: that is how the plugin's yamls are found, wherever the package is installed.
+"""
+from importlib import resources
+
+
+def packaged_config(filename):
+    """Absolute path of ``lavis_accel/configs/models/<filename>``."""
+    return str(resources.files("lavis_accel") / "configs" / "models" / filename)

@@ -10,13 +10,13 @@ from lavis_accel.errors import SettingError
 @dataclass(frozen=True)
 class DemoSettings:
     workdir: str = "output/demo"
-    n_train: int = 5000
+    n_train: int = 1000
     n_val: int = 100
     n_test: int = 200
     epochs: int = 6
     batch_size: int = 32
     k_test: int = 16
-    r_values: Tuple[int, ...] = (2, 4, 6)
+    r_values: Tuple[int, ...] = (2, 4, 8)
     seed: int = 42
 
     @classmethod

@@ -1,0 +1,71 @@
+"""``lavis-accel demo``: its settings, its LAVIS configs, and one small run through the real CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from lavis_accel.config_checks import check_project
+from lavis_accel.datasets import write_retrieval
+from lavis_accel.demo import project, report
+from lavis_accel.demo.settings import DemoSettings
+from lavis_accel.demo.worker import settings_to_compare
+from lavis_accel.errors import SettingError
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"epochs": 0}, "--epochs must be at least 1"),
+    ({"k_test": 300}, r"--k-test \(300\) must not exceed --n-test \(200\)"),
+    ({"r_values": (0, 4)}, "--r-values must be positive"),
+])
+def test_bad_settings_are_refused(changes, message):
+    with pytest.raises(SettingError, match=message):
+        DemoSettings(**changes).check()
+
+
+def test_compares_the_parent_then_tome_and_turbo_at_each_r():
+    names = [name for name, _ in settings_to_compare(DemoSettings(r_values=(2, 4)))]
+    assert names == ["parent", "tome_r2", "tome_r4", "turbo_r2", "turbo_r4"]
+
+
+def test_configs_are_valid_lavis_projects(tmp_path):
+    settings = DemoSettings(workdir=str(tmp_path))
+    datasets = write_retrieval(tmp_path / "data", n_train=2, n_val=2, n_test=2)
+    train = OmegaConf.create(project.train_config(settings, datasets))
+    check_project(train)
+    assert train.model.arch == "blip_retrieval" and train.run.device == "cpu" and train.run.max_epoch == 6
+    evaluated = OmegaConf.create(project.eval_config(settings, datasets, "ckpt.pth", "turbo_r4",
+                                                     {"name": "turbo", "r": 4}))
+    check_project(evaluated)
+    assert evaluated.model.arch == "blip_retrieval_turbo" and evaluated.model.finetuned == "ckpt.pth"
+    assert dict(evaluated.model.reducer) == {"name": "turbo", "r": 4, "threshold": project.DEMO_THRESHOLD}
+    assert evaluated.run.evaluate and "valid_splits" not in evaluated.run
+
+
+def test_table_lists_every_setting():
+    row = {"setting": "turbo_r4", "txt_r1": 50.0, "txt_r5": 80.0, "txt_r10": 90.0, "img_r1": 40.0, "img_r5": 70.0,
+           "img_r10": 85.0, "vision_gflops": 0.05, "vision_speedup": 1.3, "task_gflops": 0.4, "task_speedup": 1.1}
+    lines = report.table([row]).splitlines()
+    assert lines[0].startswith("| setting | txt R@1") and len(lines) == 3
+    assert lines[2] == "| turbo_r4 | 50.0 | 80.0 | 90.0 | 40.0 | 70.0 | 85.0 | 0.0500 | 1.30x | 0.4000 | 1.10x |"
+
+
+def test_a_small_demo_runs_end_to_end(tmp_path):
+    workdir = tmp_path / "demo"
+    command = [sys.executable, "-m", "lavis_accel.cli", "demo", "--workdir", str(workdir), "--n-train", "16",
+               "--n-val", "4", "--n-test", "8", "--epochs", "1", "--batch-size", "8", "--k-test", "4",
+               "--r-values", "4"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "| parent |" in result.stdout and "| turbo_r4 |" in result.stdout
+    results = json.load(open(workdir / "results.json"))
+    rows = {row["setting"]: row for row in results["results"]}
+    assert set(rows) == {"parent", "tome_r4", "turbo_r4"}
+    assert os.path.isfile(results["checkpoint"])
+    assert rows["parent"]["vision_speedup"] == 1.0
+    assert rows["turbo_r4"]["vision_gflops"] < rows["parent"]["vision_gflops"]
+    assert rows["turbo_r4"]["task_gflops"] < rows["parent"]["task_gflops"]
+    assert 0 <= rows["turbo_r4"]["txt_r1"] <= rows["turbo_r4"]["txt_r10"] <= 100
+    assert (workdir / "recall_vs_gflops.png").read_bytes()[:4] == b"\x89PNG"

@@ -103,6 +103,9 @@ def write_offline_hub(root, *, bert_size="tiny", bert_vocab_size=None):
         _write_bert(root, bert_size, bert_vocab_size)
         _write_opt(root)
         _write_t5(root)
+    # transformers migrates (and announces) any cache without this file, the first time it is imported
+    with open(os.path.join(root, "hub", "version.txt"), "w", encoding="utf-8") as f:
+        f.write("1")
     with open(os.path.join(root, MARKER_FILE), "w", encoding="utf-8") as f:
         json.dump({"root": os.path.abspath(root), "bert_size": bert_size, "bert_vocab_size": bert_vocab_size}, f)
     return root

@@ -133,6 +133,12 @@ def enable_cpu_runner():
     runner_base._lavis_accel_cpu_runner = True
 
 
+def _current_umask():
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def _save_atomically(stock_save):
     """``torch.save`` that writes to a temporary file beside the target, then renames it into place."""
 
@@ -142,6 +148,7 @@ def _save_atomically(stock_save):
         directory = os.path.dirname(os.path.abspath(f))
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; torch.save's file would follow the umask
         try:
             stock_save(obj, tmp, *args, **kwargs)
             os.replace(tmp, f)
@@ -153,22 +160,27 @@ def _save_atomically(stock_save):
     return save
 
 
-def _load_allowing_frozen_missing(model, stock_load):
-    """``load_state_dict`` for resuming LAVIS checkpoints, which omit every parameter with requires_grad False.
+def _resume_load_state_dict(model, path):
+    """``load_state_dict`` for resuming from a LAVIS checkpoint, which omits every parameter with requires_grad False.
 
-    Keys missing from the checkpoint are accepted only when they are such frozen parameters (e.g. BLIP's momentum
-    encoders); any other missing or unexpected key still raises, as a strict load does.
+    Keys missing from the file are accepted only when they are such frozen parameters (e.g. BLIP's momentum
+    encoders); a tensor of another shape, any other missing key or an unexpected key is refused in one line.
     """
+    from lavis_accel.config_checks import state_dict_misfit
+    from lavis_accel.errors import SettingError
+
+    stock_load = type(model).load_state_dict.__get__(model)
 
     def load(state_dict, strict=True):
-        if not strict:
-            return stock_load(state_dict, strict=False)
+        problem = state_dict_misfit(model, state_dict)
+        if problem:
+            raise SettingError(f"run.resume_ckpt_path: {path} {problem}")
         frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
         result = stock_load(state_dict, strict=False)
         missing = [k for k in result.missing_keys if k not in frozen]
-        if missing or result.unexpected_keys:
-            raise RuntimeError(
-                f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        if strict and (missing or result.unexpected_keys):
+            raise SettingError(f"run.resume_ckpt_path: {path} does not fit {type(model).__name__}: missing "
+                               f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}")
         return result
 
     return load
@@ -200,7 +212,7 @@ def enable_safe_checkpoints():
 
     def _load_checkpoint(self, url_or_filename):
         model = self.unwrap_dist_model(self.model)
-        model.load_state_dict = _load_allowing_frozen_missing(model, type(model).load_state_dict.__get__(model))
+        model.load_state_dict = _resume_load_state_dict(model, url_or_filename)
         try:
             return stock_load_checkpoint(self, url_or_filename)
         finally:
@@ -217,7 +229,7 @@ class _SpiceUnavailable:
     def compute_score(self, gts, res):
         return float("nan"), [float("nan")] * len(gts)
 
-    def method(self):
+    def method(self):  # printed by COCOEvalCap.evaluate as "computing <method> score..."
         return "SPICE (skipped: Stanford CoreNLP unavailable)"
 
 

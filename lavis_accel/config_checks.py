@@ -105,20 +105,60 @@ def checkpoint_paths(cfg):
     return {key: path for key, path in paths.items() if path and not is_url(path)}
 
 
+def state_dict_misfit(model, state_dict, shapes_must_match=True):
+    """Why ``state_dict`` does not fit ``model`` (no shared tensor name, or a shared tensor of another shape), or
+    None when it fits."""
+    model_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    shared = [name for name in state_dict if name in model_shapes]
+    if not shared:
+        return f"shares no parameter names with {type(model).__name__}"
+    if not shapes_must_match:
+        return None
+    mismatched = [name for name in shared
+                  if torch.is_tensor(state_dict[name]) and tuple(state_dict[name].shape) != model_shapes[name]]
+    if not mismatched:
+        return None
+    name = mismatched[0]
+    return (f"does not fit {type(model).__name__}: {len(mismatched)} tensors differ in shape, e.g. {name} "
+            f"{list(state_dict[name].shape)} in the file vs {list(model_shapes[name])} in the model")
+
+
+def checked_load_state_dict(model, key, path, shapes_must_match=True):
+    """``model.load_state_dict`` that first refuses a state dict that does not fit, in one line naming the setting."""
+    stock_load = type(model).load_state_dict.__get__(model)
+
+    def load_state_dict(state_dict, strict=True, **kwargs):
+        problem = state_dict_misfit(model, state_dict, shapes_must_match)
+        if problem:
+            raise SettingError(f"{key}: {path} {problem}")
+        return stock_load(state_dict, strict=strict, **kwargs)
+
+    return load_state_dict
+
+
 @contextlib.contextmanager
 def checking_model_checkpoints(cfg):
-    """While a model is built, check its local ``finetuned``/``pretrained`` file fits it before LAVIS loads it.
+    """While a model is built, check that what LAVIS loads from a local ``finetuned``/``pretrained`` file fits it.
 
     LAVIS loads checkpoints inside ``from_config`` (``BaseModel.load_checkpoint_from_config``), after the model is
-    constructed: the check runs there, on the constructed model, so nothing is loaded twice or built twice.
+    constructed. For that call the model's ``load_state_dict`` refuses a misfit state dict, so the check sees exactly
+    what LAVIS loads and no file is read twice. Pre-trained files are checked for shared names only: LAVIS
+    deliberately drops their tensors of another shape (and interpolates position embeddings).
     """
     paths = {key: path for key, path in checkpoint_paths(cfg).items() if key.startswith("model.")}
     stock = BaseModel.load_checkpoint_from_config
 
     def load_checkpoint_from_config(self, model_cfg, **kwargs):
-        for key, path in paths.items():
-            check_checkpoint_fits(self, path, key, shapes_must_match=key == "model.finetuned")
-        return stock(self, model_cfg, **kwargs)
+        if not paths:
+            return stock(self, model_cfg, **kwargs)
+        ((key, path),) = paths.items()  # finetuned or pretrained, never both
+        self.load_state_dict = checked_load_state_dict(self, key, path, shapes_must_match=key == "model.finetuned")
+        try:
+            return stock(self, model_cfg, **kwargs)
+        except KeyError as err:  # e.g. BLIP's pre-trained loader indexes the file's position embedding
+            raise SettingError(f"{key}: {path} has no tensor {err} that {type(self).__name__} needs") from None
+        finally:
+            del self.load_state_dict
 
     BaseModel.load_checkpoint_from_config = load_checkpoint_from_config
     try:
@@ -131,38 +171,3 @@ def check_checkpoint_files(cfg):
     for key, path in checkpoint_paths(cfg).items():
         if not os.path.isfile(path):
             raise SettingError(f"{key}: checkpoint file not found: {path}")
-
-
-def _load_state_dict(path, key):
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or foreign file: torch raises many types
-        raise SettingError(f"{key}: {path} is not a readable torch checkpoint ({type(err).__name__})") from None
-    state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state_dict, dict):
-        raise SettingError(f"{key}: {path} holds no state dict (expected {{'model': state_dict}})")
-    return state_dict
-
-
-def check_checkpoint_fits(model, path, key, shapes_must_match=True):
-    """Fail if the checkpoint at ``path`` shares no tensor name with ``model`` or (``shapes_must_match``) has one
-    of a different shape.
-
-    Position embeddings are exempt: LAVIS interpolates them to the model's image size. Pre-trained checkpoints are
-    checked for names only: LAVIS deliberately drops their tensors whose shape differs (e.g. another head size).
-    """
-    state_dict = _load_state_dict(path, key)
-    model_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    shared = [name for name in state_dict if name in model_shapes]
-    if not shared:
-        raise SettingError(f"{key}: {path} shares no parameter names with {type(model).__name__}")
-    mismatched = shapes_must_match and [
-        name for name in shared
-        if torch.is_tensor(state_dict[name]) and tuple(state_dict[name].shape) != model_shapes[name]
-        and not name.endswith("pos_embed")
-    ]
-    if mismatched:
-        name = mismatched[0]
-        raise SettingError(
-            f"{key}: {path} does not fit {type(model).__name__}: {len(mismatched)} tensors differ in shape, "
-            f"e.g. {name} {list(state_dict[name].shape)} in the file vs {list(model_shapes[name])} in the model")

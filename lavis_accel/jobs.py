@@ -26,7 +26,7 @@ from lavis.common.config import Config
 from lavis.common.dist_utils import get_rank, init_distributed_mode
 from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
-from lavis.common.utils import is_url, now
+from lavis.common.utils import now
 from lavis_accel import config_checks
 from lavis_accel.datasets import set_cache_root
 
@@ -75,9 +75,6 @@ def build_runner(cfg_path, options=None):
     datasets = task.build_datasets(cfg)
     with config_checks.checking_model_checkpoints(cfg.config):
         model = task.build_model(cfg)
-    resume = cfg.run_cfg.get("resume_ckpt_path")
-    if resume and not is_url(resume):
-        config_checks.check_checkpoint_fits(model, resume, "run.resume_ckpt_path")
 
     runner_cls = registry.get_runner_class(cfg.run_cfg.get("runner", "runner_base"))
     _forget_previous_job_paths()

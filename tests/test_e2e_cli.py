@@ -99,18 +99,40 @@ def test_training_resumes_from_its_checkpoint(retrieval_run, data_root):
     assert "Start training epoch 1" in log and "Start training epoch 0" not in log
 
 
-def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line(retrieval_run, data_root, capsys):
+@pytest.mark.parametrize("name, tensor, expected", [
+    ("visual_encoder.cls_token", torch.zeros(1, 1, 7), "visual_encoder.cls_token [1, 1, 7] in the file vs [1, 1, 128]"),
+    # LAVIS interpolates position embeddings of pre-trained files only: a fine-tuned one must match the image size
+    ("visual_encoder.pos_embed", torch.zeros(1, 17, 128), "visual_encoder.pos_embed [1, 17, 128] in the file vs "
+                                                          "[1, 37, 128]"),
+])
+def test_a_checkpoint_that_does_not_fit_is_refused_in_one_line(retrieval_run, data_root, capsys, name, tensor,
+                                                               expected):
     out, _, _ = retrieval_run
     _, datasets = data_root
-    wrong = out / "wrong.pth"
-    torch.save({"model": {"visual_encoder.cls_token": torch.zeros(1, 1, 7)}}, wrong)
+    wrong = out / f"wrong_{name}.pth"
+    torch.save({"model": {name: tensor}}, wrong)
     cfg = tiny_project(os.path.join(LAVIS_PROJECTS, "eval", "ret_coco_eval.yaml"), datasets, out / "wrong",
                        model={"load_finetuned": True, "finetuned": str(wrong)}, run={"k_test": 4})
     status = cli.main(["evaluate", "--cfg-path", write_project(cfg, out / "wrong.yaml")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert status == 2
-    assert err[-1] == (f"lavis-accel: error: model.finetuned: {wrong} does not fit BlipRetrieval: 1 tensors differ "
-                       "in shape, e.g. visual_encoder.cls_token [1, 1, 7] in the file vs [1, 1, 128] in the model")
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"lavis-accel: error: model.finetuned: {wrong} does not fit BlipRetrieval: "
+                                            f"1 tensors differ in shape, e.g. {expected} in the model")
+
+
+def test_a_resume_checkpoint_of_another_model_is_refused_in_one_line(retrieval_run, data_root, tmp_path):
+    _, _, _ = retrieval_run
+    _, datasets = data_root
+    wrong = tmp_path / "other.pth"
+    torch.save({"model": {"visual_encoder.cls_token": torch.zeros(1, 1, 7)}, "epoch": 0}, wrong)
+    cfg = tiny_project(os.path.join(LAVIS_PROJECTS, "train", "retrieval_coco_ft.yaml"), datasets, tmp_path / "out",
+                       model={"negative_all_rank": False},
+                       run={**TINY_RUN, "k_test": 4, "valid_splits": ["val"], "resume_ckpt_path": str(wrong)})
+    result = subprocess.run([sys.executable, "-m", "lavis_accel.cli", "train", "--cfg-path",
+                             write_project(cfg, tmp_path / "resume.yaml")], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"lavis-accel: error: run.resume_ckpt_path: {wrong} does not fit BlipRetrieval: 1 tensors differ in shape")
 
 
 def test_caption_train_then_evaluate_only(data_root, tmp_path):

@@ -18,7 +18,7 @@ def test_defaults_per_reducer():
         "name": "turbo", "r": 0, "alpha": 5.0, "beta": 1.0, "gamma": 0.0, "threshold": 40, "prop_attn": True
     }
     tome = ReducerSettings.from_config({"name": "tome", "r": 16})
-    assert (tome.r, tome.alpha, tome.threshold, tome.prop_attn) == (16, 0.0, 40, True)
+    assert (tome.r, tome.alpha, tome.threshold, tome.prop_attn) == (16, 0.0, 1, True)
 
 
 def test_from_an_omegaconf_block_with_every_schedule_form():
@@ -28,12 +28,12 @@ def test_from_an_omegaconf_block_with_every_schedule_form():
     assert ReducerSettings.from_config({"name": "tome", "r": (8, -1)}).r == (8, -1.0)
 
 
-def test_tome_block_ignores_turbo_knobs_but_direct_settings_are_checked():
+def test_a_tome_block_drops_turbo_knobs_but_python_settings_are_strict():
     # a Turbo model's default block switched to tome by its name keeps alpha/beta/gamma after yaml merging
-    tome = ReducerSettings.from_config({"name": "tome", "r": 4, "alpha": 5, "beta": 2, "gamma": 1})
-    assert (tome.alpha, tome.beta, tome.gamma, tome.r) == (0.0, 1.0, 0.0, 4)
+    tome = registry.get_processor_class("tome").from_config({"name": "tome", "r": 4, "alpha": 5, "beta": 2, "gamma": 1})
+    assert (tome.settings.alpha, tome.settings.beta, tome.settings.gamma, tome.settings.r) == (0.0, 1.0, 0.0, 4)
     with pytest.raises(SettingError, match="reducer setting 'alpha' is fixed to 0 for 'tome'"):
-        ReducerSettings(name="tome", r=4, alpha=5.0, beta=1.0, gamma=0.0, threshold=40, prop_attn=True)
+        ReducerSettings.from_config({"name": "tome", "r": 4, "alpha": 5})
 
 
 @pytest.mark.parametrize(

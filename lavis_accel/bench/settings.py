@@ -4,7 +4,8 @@ from typing import List, Optional, Sequence
 
 import lavis_accel
 from lavis_accel.errors import SettingError
-from lavis_accel.reduce.settings import DEFAULTS, ReducerSettings
+from lavis_accel.processors import build_reducer
+from lavis_accel.reduce.settings import ReducerSettings
 
 PARENT, SDPA, REDUCED = "parent", "sdpa", "reduced"
 
@@ -38,25 +39,10 @@ class BenchSetting:
 
 
 def reducer_settings(name: str, r, arch_block: Optional[dict]) -> ReducerSettings:
-    """Settings of reducer ``name`` at ``r``, taking the task's settings from the arch's ``reducer:`` block.
-
-    Settings of the arch's own reducer carry over whole. For another reducer only the settings the two share (same
-    key, same default, e.g. ``threshold``, ``prop_attn``) carry over; method-specific ones (Turbo's ``alpha`` for a
-    ToMe run) keep the other reducer's defaults.
-    """
-    carried = {}
-    if arch_block is not None:
-        block_name = arch_block.get("name")
-        for key, value in arch_block.items():
-            if key != "name" and (block_name == name or _shared_setting(key, block_name, name)):
-                carried[key] = value
-    return ReducerSettings.from_config({**carried, "name": name, "r": r})
-
-
-def _shared_setting(key, first, second) -> bool:
-    """Whether reducers ``first`` and ``second`` both have setting ``key`` with the same default."""
-    first_defaults, second_defaults = DEFAULTS.get(first, {}), DEFAULTS.get(second, {})
-    return key in first_defaults and key in second_defaults and first_defaults[key] == second_defaults[key]
+    """Settings of reducer ``name`` at ``r``, taking the task's settings (threshold, ...) from the arch's ``reducer:``
+    block, as a yaml switching that block's ``name`` would (``build_reducer``: ToMe drops Turbo's knobs)."""
+    block = {key: value for key, value in (arch_block or {}).items() if key != "name"}
+    return build_reducer({**block, "name": name, "r": r}).settings
 
 
 def bench_settings(reducers: Sequence[str], r_values: Sequence, arch_block: Optional[dict]) -> List[BenchSetting]:

@@ -8,7 +8,7 @@ from lavis.processors.base_processor import BaseProcessor
 
 from lavis_accel.errors import SettingError
 from lavis_accel.patch.vit import apply_settings
-from lavis_accel.reduce.settings import ReducerSettings, plain_config
+from lavis_accel.reduce.settings import TURBO_ONLY, ReducerSettings, plain_config
 from lavis_accel.registration import register_processor
 
 
@@ -37,6 +37,13 @@ class ToMeReducer(TokenReducer):
     """ToMe: bipartite soft matching on attention keys, size-weighted merges, proportional attention."""
 
     reducer_name = "tome"
+
+    @classmethod
+    def from_config(cls, cfg=None):
+        """A ``reducer:`` block switched to ``name: tome`` over a Turbo model's default block still carries Turbo's
+        ``alpha``/``beta``/``gamma`` after yaml merging: they are dropped here (``lavis_accel.apply`` stays strict)."""
+        values = {} if cfg is None else plain_config(cfg)
+        return super().from_config({k: v for k, v in values.items() if k not in TURBO_ONLY})
 
 
 @register_processor("turbo")

@@ -15,16 +15,14 @@ from lavis_accel.errors import SettingError
 RSchedule = Union[int, Tuple[int, float], List[int]]
 
 # Per-reducer defaults. ``alpha`` is the Turbo README's recommended 5 (the code's argparse default is 1); ToMe is
-# Turbo with alpha fixed to 0. ``threshold`` 40 is the Turbo reference's ``apply_patch`` default, which its ToMe
-# baseline uses too; threshold 1 never skips (facebookresearch/ToMe itself has no threshold).
+# Turbo with alpha fixed to 0. ``threshold`` 40 is the Turbo reference's ``apply_patch`` default; ToMe's default is
+# 1, which never skips, as in facebookresearch/ToMe (the registered models' yamls set the threshold explicitly).
 DEFAULTS = {
-    "tome": {"r": 0, "alpha": 0.0, "beta": 1.0, "gamma": 0.0, "threshold": 40, "prop_attn": True},
+    "tome": {"r": 0, "alpha": 0.0, "beta": 1.0, "gamma": 0.0, "threshold": 1, "prop_attn": True},
     "turbo": {"r": 0, "alpha": 5.0, "beta": 1.0, "gamma": 0.0, "threshold": 40, "prop_attn": True},
 }
 KNOWN_REDUCERS = tuple(DEFAULTS)
-# Turbo's own knobs: a reducer block switched to ``name: tome`` (e.g. over a Turbo model's default block, which
-# yaml merging keeps) may still carry them; ToMe has no use for them, so ``from_config`` drops them for ``tome``.
-TURBO_ONLY = ("alpha", "beta", "gamma")
+TURBO_ONLY = ("alpha", "beta", "gamma")  # Turbo's semantic-term knobs; ToMe has none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +51,7 @@ class ReducerSettings:
     def from_config(cls, cfg):
         """Build from a ``reducer:`` block: an OmegaConf DictConfig or a plain mapping with a ``name`` key.
 
-        Unset settings take the reducer's defaults; for ``tome``, Turbo's ``alpha``/``beta``/``gamma`` are ignored.
+        Unset settings take the reducer's defaults.
         """
         values = plain_config(cfg)
         name = _checked_name(values.pop("name", None))
@@ -61,8 +59,6 @@ class ReducerSettings:
         for key in values:
             if key not in fields:
                 raise SettingError(f"reducer setting {key!r} is not known for {name!r}: use {', '.join(fields)}")
-        if name == "tome":
-            values = {key: value for key, value in values.items() if key not in TURBO_ONLY}
         return cls(name=name, **{**DEFAULTS[name], **values})
 
     def __post_init__(self):

@@ -7,7 +7,7 @@ setup(
     description="Token reduction (Turbo, ToMe, ...) and compact models for Salesforce LAVIS",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.8",
+    python_requires=">=3.9",
     packages=find_packages(include=["lavis_accel", "lavis_accel.*"]),
     package_data={"lavis_accel": ["configs/**/*.yaml", "configs/**/*.json"]},
     include_package_data=True,
@@ -15,7 +15,7 @@ setup(
         "salesforce-lavis==1.0.2",
         # LAVIS 1.0.2's BLIP beam search is only right below 4.27 (see README, "Versions").
         "transformers>=4.25,<4.27",
-        "torch>=2.0",  # scaled_dot_product_attention
+        "torch>=2.1",  # scaled_dot_product_attention with scale=
         "numpy<2",  # opencv-python-headless 4.5.5.64, pinned by LAVIS, fails to import with numpy 2
         "tokenizers",
         "omegaconf",

@@ -1,7 +1,7 @@
 """BLIP task models with Turbo (or ToMe) token merging in the ViT, registered as ``blip_<task>_turbo``.
 
 Each is its LAVIS parent plus the reducer of the config's ``reducer:`` block: a stock LAVIS checkpoint loads
-unchanged, and ``reducer.r: 0`` reproduces the parent's outputs.
+unchanged, and ``reducer.r: 0`` gives the parent's outputs (up to float rounding: attention runs through SDPA).
 """
 from lavis.models.blip_models.blip_caption import BlipCaption
 from lavis.models.blip_models.blip_nlvr import BlipNLVR

@@ -1,7 +1,7 @@
 """lavis_accel: faster, smaller vision-language models for Salesforce LAVIS.
 
-``import lavis_accel`` registers the plugin's models, reducers, tasks and dataset builders into LAVIS's
-registry (idempotently), after the guarded compatibility fixes that LAVIS needs on CPU-only machines.
+``import lavis_accel`` registers the plugin's models and token reducers into LAVIS's registry (idempotently),
+after the guarded compatibility fixes that LAVIS needs on CPU-only, offline machines (``compat``).
 """
 from lavis_accel import compat
 
@@ -9,8 +9,8 @@ compat.quiet_known_warnings()
 compat.ensure_torchvision_importable()
 
 from lavis_accel import registration  # noqa: E402
-from lavis_accel import processors  # noqa
-from lavis_accel import models  # noqa
+from lavis_accel import processors  # noqa: E402,F401  (registers the reducers)
+from lavis_accel import models  # noqa: E402,F401  (registers the models and config extensions)
 
 compat.enable_cpu_runner()
 compat.enable_safe_checkpoints()

@@ -9,8 +9,6 @@ from lavis.common.registry import registry
 _KINDS = {
     "model": ("model_name_mapping", registry.register_model),
     "processor": ("processor_name_mapping", registry.register_processor),
-    "task": ("task_name_mapping", registry.register_task),
-    "builder": ("builder_name_mapping", registry.register_builder),
 }
 
 
@@ -34,14 +32,6 @@ def register_model(name):
 
 def register_processor(name):
     return _register_once("processor", name)
-
-
-def register_task(name):
-    return _register_once("task", name)
-
-
-def register_builder(name):
-    return _register_once("builder", name)
 
 
 def refresh_model_zoo():

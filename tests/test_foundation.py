@@ -7,7 +7,6 @@ import urllib.error
 import pytest
 import torch
 
-import lavis_accel
 from lavis.common.registry import registry
 from lavis_accel import compat, registration
 
@@ -73,12 +72,32 @@ def test_stock_lavis_classes_are_untouched():
     assert Block.forward.__module__ == Attention.forward.__module__ == "lavis.models.vit"
 
 
-def test_torchvision_imports_and_fix_is_idempotent():
+def test_torchvision_works_after_the_fix_and_the_fix_is_idempotent():
     compat.ensure_torchvision_importable()
-    import torchvision.transforms  # noqa: F401
+    from PIL import Image
+    from torchvision import transforms
+
+    image = Image.new("RGB", (40, 30), (255, 0, 0))
+    tensor = transforms.Compose([transforms.Resize((16, 16)), transforms.ToTensor()])(image)
+    assert tensor.shape == (3, 16, 16) and tensor[0].min() == 1.0
 
 
-def test_cpu_runner_fixes_are_idempotent_and_narrow():
+def test_cpu_fixes_leave_lavis_alone_where_cuda_is_available():
+    script = (
+        "import torch\n"
+        "torch.cuda.is_available = lambda: True\n"
+        "import lavis_accel\n"
+        "import lavis.datasets.data_utils as data_utils, lavis.runners.runner_base as runner_base\n"
+        "import lavis.tasks.base_task as base_task\n"
+        "from lavis.datasets.datasets.dataloader_utils import PrefetchLoader\n"
+        "print(runner_base.PrefetchLoader is PrefetchLoader, base_task.prepare_sample is data_utils.prepare_sample)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-2:] == ["True", "True"]
+
+
+def test_cpu_runner_fixes_are_idempotent():
     import lavis.runners.runner_base as runner_base
 
     model_property = runner_base.RunnerBase.model
@@ -114,15 +133,28 @@ def test_checkpoints_are_written_atomically(tmp_path):
     assert torch.load(target)["epoch"] == 3
 
 
+def test_checkpoints_keep_the_file_mode_torch_save_would_give(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        compat._save_atomically(torch.save)({"epoch": 0}, str(tmp_path / "checkpoint.pth"))
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "checkpoint.pth").stat().st_mode & 0o777 == 0o644
+
+
 def test_resume_accepts_only_missing_frozen_parameters():
+    from lavis_accel.errors import SettingError
+
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     model[1].weight.requires_grad_(False)
     model[1].bias.requires_grad_(False)
-    load = compat._load_allowing_frozen_missing(model, model.load_state_dict)
+    load = compat._resume_load_state_dict(model, "ckpt.pth")
     trainable = {k: v for k, v in model.state_dict().items() if k.startswith("0.")}
     load(trainable)
-    with pytest.raises(RuntimeError, match=r"missing \['0.bias'\]"):
+    with pytest.raises(SettingError, match=r"run.resume_ckpt_path: ckpt.pth does not fit Sequential: missing \['0.bias'\]"):
         load({"0.weight": trainable["0.weight"]})
+    with pytest.raises(SettingError, match=r"0.weight \[3, 2\] in the file vs \[2, 2\] in the model"):
+        load({**trainable, "0.weight": torch.zeros(3, 2)})
 
 
 def test_spice_is_skipped_not_zeroed_when_corenlp_cannot_be_fetched(tmp_path, monkeypatch, caplog):
@@ -146,7 +178,3 @@ def test_spice_is_skipped_not_zeroed_when_corenlp_cannot_be_fetched(tmp_path, mo
     assert "SPICE" not in evaluation.eval and "SPICE" not in evaluation.evalImgs[0]
     assert evaluation.eval["CIDEr"] >= 0 and "Bleu_4" in evaluation.eval
     assert "SPICE skipped" in caplog.text
-
-
-def test_public_api():
-    assert callable(lavis_accel.apply) and callable(lavis_accel.remove)

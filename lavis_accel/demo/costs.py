@@ -17,8 +17,9 @@ def add_costs(rows, models, settings):
     against the ``parent`` row, from medians of steps timed interleaved in this process.
     """
     parent = models["parent"]
+    device = next(parent.parameters()).device
     inputs = StepInputs(batch_size=TIMED_IMAGES, image_size=parent.visual_encoder.patch_embed.img_size[0],
-                        device=torch.device("cpu"), candidates=settings.k_test, seed=settings.seed)
+                        device=device, candidates=settings.k_test, seed=settings.seed)
     for part, make_step in (("vision", vision_step), ("task", retrieval_step)):
         steps = {name: make_step(model, inputs) for name, model in models.items()}
         with torch.no_grad():
@@ -26,7 +27,7 @@ def add_costs(rows, models, settings):
                 step = steps[row["setting"]]
                 row[f"{part}_gflops"] = count_flops(step.run) / step.samples / 1e9
             contenders = [Contender(name, lambda: None, step.run) for name, step in steps.items()]
-            rates = time_interleaved(contenders, TIMED_IMAGES, torch.device("cpu"), warmup=1, repeats=REPEATS)
+            rates = time_interleaved(contenders, TIMED_IMAGES, device, warmup=1, repeats=REPEATS)
         medians = {name: median_and_spread(values)[0] for name, values in rates.items()}
         for row in rows:
             row[f"{part}_speedup"] = medians[row["setting"]] / medians["parent"]

@@ -1,8 +1,6 @@
 """The demo's LAVIS project configs: one to fine-tune a small BLIP retrieval model, one per evaluated setting."""
 import os
 
-import yaml
-
 from lavis_accel.testing.tiny_models import tiny_model_config
 
 PARENT_ARCH = "blip_retrieval"
@@ -63,10 +61,3 @@ def eval_config(settings, datasets, checkpoint, name, reducer=None):
     run = _run_section(settings, os.path.join(settings.workdir, "eval", name), evaluate=True)
     run.pop("valid_splits")
     return {"model": model, "datasets": datasets, "run": run}
-
-
-def write_config(config, path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        yaml.safe_dump(config, f, sort_keys=False)
-    return path

@@ -30,7 +30,10 @@ def settings_to_compare(settings):
 def main(argv=None):
     from lavis_accel import jobs
     from lavis_accel.datasets import write_retrieval
+    from omegaconf import OmegaConf
+
     from lavis_accel.demo import costs, project, report
+    from lavis_accel.testing.projects import write_project
 
     settings = DemoSettings.from_args(add_arguments(argparse.ArgumentParser()).parse_args(argv))
     progress(f"writing {settings.n_train}/{settings.n_val}/{settings.n_test} synthetic scenes")
@@ -38,8 +41,8 @@ def main(argv=None):
                                settings.n_test, seed=settings.seed)
 
     progress(f"fine-tuning a small BLIP retrieval model for {settings.epochs} epochs through LAVIS's runner")
-    train_yaml = project.write_config(project.train_config(settings, datasets),
-                                      os.path.join(settings.workdir, "configs", "train.yaml"))
+    train_yaml = write_project(OmegaConf.create(project.train_config(settings, datasets)),
+                               os.path.join(settings.workdir, "configs", "train.yaml"))
     trainer = jobs.build_runner(train_yaml)
     trainer.train()
     checkpoint = os.path.join(trainer.output_dir, "checkpoint_best.pth")
@@ -48,8 +51,8 @@ def main(argv=None):
     rows, models = [], {}
     for name, reducer in settings_to_compare(settings):
         progress(f"evaluating {name} through LAVIS's retrieval task")
-        eval_yaml = project.write_config(project.eval_config(settings, datasets, checkpoint, name, reducer),
-                                         os.path.join(settings.workdir, "configs", f"eval_{name}.yaml"))
+        eval_yaml = write_project(OmegaConf.create(project.eval_config(settings, datasets, checkpoint, name, reducer)),
+                                  os.path.join(settings.workdir, "configs", f"eval_{name}.yaml"))
         runner = jobs.build_runner(eval_yaml)
         metrics = runner.evaluate(skip_reload=True)["test"]
         rows.append({"setting": name, "reducer": reducer["name"] if reducer else None,

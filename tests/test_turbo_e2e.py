@@ -68,9 +68,11 @@ def vqa_questions(data, split):
 
 
 def assert_ran_with_the_tiny_reducer(log, arch):
-    """The run's printed config is the Turbo variant with the test's reducer settings."""
+    """The run's printed config is the Turbo variant with the test's reducer settings, and the model logged the
+    token schedule they give its 37-token ViT (r=4 in each of its 4 blocks)."""
     assert f'"arch": "{arch}"' in log
     assert '"r": 4' in log and '"threshold": 1' in log
+    assert "turbo (r=4, alpha=5, threshold=1) keeps ViT tokens 37 -> 33 -> 29 -> 25 -> 21" in log
 
 
 @pytest.mark.parametrize("project", ["ret_coco_eval.yaml", "ret_flickr_eval.yaml"])

@@ -11,6 +11,7 @@ Two LAVIS traps are handled:
   wrapped the same way, so those blocks keep their activation checkpointing in training.
 """
 import functools
+import logging
 import types
 import weakref
 from typing import List, Optional
@@ -20,11 +21,12 @@ from lavis.models.vit import Attention, Block, VisionTransformer
 
 from lavis_accel.errors import SettingError
 from lavis_accel.reduce.attention import attention
-from lavis_accel.reduce.merge import effective_r, merge_wavg, parse_r, proportional_bias
+from lavis_accel.reduce.merge import effective_r, merge_wavg, parse_r, proportional_bias, token_schedule
 from lavis_accel.reduce.settings import ReducerSettings
 from lavis_accel.reduce.turbo import informativity_matching
 
 STATE_ATTR = "_lavis_accel"
+logger = logging.getLogger(__name__)
 
 
 class ReductionState:
@@ -71,14 +73,23 @@ def apply_settings(model, settings: ReducerSettings):
     state = getattr(vit, STATE_ATTR, None)
     if state is not None:
         state.configure(settings, len(vit.blocks))
-        return model
-    state = ReductionState(settings, len(vit.blocks))
-    for index, block in enumerate(vit.blocks):
-        block._lavis_accel_slot = (state, index)
-        _set_forward(state, block, types.MethodType(_reducing_block_forward, block))
-        _set_forward(state, block.attn, _reducing_attention_callable(block.attn))
-    setattr(vit, STATE_ATTR, state)
+    else:
+        state = ReductionState(settings, len(vit.blocks))
+        for index, block in enumerate(vit.blocks):
+            block._lavis_accel_slot = (state, index)
+            _set_forward(state, block, types.MethodType(_reducing_block_forward, block))
+            _set_forward(state, block.attn, _reducing_attention_callable(block.attn))
+        setattr(vit, STATE_ATTR, state)
+    _log_schedule(model, vit, state)
     return model
+
+
+def _log_schedule(model, vit, state):
+    """Say once, at patch time, how many tokens each block keeps at the model's image size."""
+    settings = state.settings
+    counts = token_schedule(vit.patch_embed.num_patches + 1, state.r_per_block, settings.threshold)
+    logger.info("%s: %s (r=%s, alpha=%g, threshold=%d) keeps ViT tokens %s", type(model).__name__, settings.name,
+                settings.r, settings.alpha, settings.threshold, " -> ".join(map(str, counts)))
 
 
 def remove(model):

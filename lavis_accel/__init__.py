@@ -13,6 +13,7 @@ from lavis_accel import processors  # noqa: E402,F401  (registers the reducers)
 from lavis_accel import models  # noqa: E402,F401  (registers the models and config extensions)
 
 compat.enable_cpu_runner()
+compat.enable_single_process_runs()
 compat.enable_safe_checkpoints()
 compat.skip_spice_when_offline()
 registration.refresh_model_zoo()

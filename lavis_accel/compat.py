@@ -69,23 +69,70 @@ class _HostLoader:
         return getattr(self.loader, name)
 
 
-class _BarrierIfInitialized:
-    """``torch.distributed`` as LAVIS's runner sees it, except that ``barrier()`` without a process group is a no-op.
+class _SingleProcessDistributed:
+    """``torch.distributed`` as a LAVIS module sees it, except where no process group exists (one process):
+    ``barrier()`` does nothing, ``get_rank()`` is 0 and ``get_world_size()`` is 1, as LAVIS's own ``dist_utils``
+    helpers answer. With a group (any torchrun job) every call goes to torch.distributed unchanged.
 
-    ``RunnerBase.train`` calls ``dist.barrier()`` after every epoch even when ``distributed: False``; with no process
-    group that raises. With a group (any torchrun job) the real barrier runs.
+    LAVIS calls them unconditionally: ``RunnerBase.train`` (a barrier after every epoch) and BLIP-2's Q-Former (its
+    rank, for the contrastive targets). CLIP's ``loss`` imports torch.distributed inside the property, out of a
+    module-level patch's reach: it still needs a process group.
     """
 
     def __init__(self, dist):
         self._dist = dist
 
+    def _initialized(self):
+        return self._dist.is_available() and self._dist.is_initialized()
+
     def barrier(self, *args, **kwargs):
-        if self._dist.is_available() and self._dist.is_initialized():
-            return self._dist.barrier(*args, **kwargs)
-        return None
+        return self._dist.barrier(*args, **kwargs) if self._initialized() else None
+
+    def get_rank(self, *args, **kwargs):
+        return self._dist.get_rank(*args, **kwargs) if self._initialized() else 0
+
+    def get_world_size(self, *args, **kwargs):
+        return self._dist.get_world_size(*args, **kwargs) if self._initialized() else 1
 
     def __getattr__(self, name):
         return getattr(self._dist, name)
+
+
+def _gather_with_grad_if_distributed(stock_gather):
+    """LAVIS's ``all_gather_with_grad`` that, with no process group, returns its input, as it does for one rank."""
+
+    def all_gather_with_grad(tensors):
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return tensors
+        return stock_gather(tensors)
+
+    return all_gather_with_grad
+
+
+def enable_single_process_runs():
+    """Let LAVIS code that assumes a process group run in one process (``distributed: False``). Idempotent.
+
+    Patched, in the modules that use them: ``dist`` (see ``_SingleProcessDistributed``) in the runners and BLIP-2's
+    Q-Former; ``all_gather_with_grad`` (which asks torch for the world size first) wherever LAVIS imported
+    it: BLIP retrieval with ``negative_all_rank``, BLIP-2's Q-Former, ALPRO. Nothing changes once a group exists.
+    """
+    import lavis.models.alpro_models.alpro_retrieval as alpro_retrieval
+    import lavis.models.base_model as base_model
+    import lavis.models.blip2_models.blip2_qformer as blip2_qformer
+    import lavis.models.blip_models.blip_retrieval as blip_retrieval
+    import lavis.runners.runner_base as runner_base
+    import lavis.runners.runner_iter as runner_iter
+
+    if getattr(base_model, "_lavis_accel_single_process", False):
+        return
+    for module in (runner_base, runner_iter, blip2_qformer):
+        module.dist = _SingleProcessDistributed(module.dist)
+    gather = _gather_with_grad_if_distributed(base_model.all_gather_with_grad)
+    for module in (base_model, blip_retrieval, blip2_qformer, alpro_retrieval):
+        module.all_gather_with_grad = gather
+    base_model._lavis_accel_single_process = True
 
 
 def enable_cpu_runner():
@@ -95,13 +142,11 @@ def enable_cpu_runner():
     1. ``RunnerBase.model`` returns None when the model already sits on the run device: return the model.
     2. ``PrefetchLoader`` needs CUDA streams: without CUDA, use a plain loader.
     3. ``task.evaluation`` moves batches to CUDA by default: without CUDA, keep them on the host.
-    4. ``dist.barrier()`` without a process group: skip it.
-    Idempotent. On a machine with CUDA, 2 and 3 change nothing; 1 and 4 only act where LAVIS would fail.
+    Idempotent. On a machine with CUDA, 2 and 3 change nothing; 1 only acts where LAVIS would fail.
     """
     import torch
     import lavis.datasets.data_utils as data_utils
     import lavis.runners.runner_base as runner_base
-    import lavis.runners.runner_iter as runner_iter
     import lavis.tasks.base_task as base_task
     import lavis.tasks.dialogue as dialogue_task
 
@@ -118,8 +163,6 @@ def enable_cpu_runner():
         return wrapped
 
     runner_cls.model = property(model, doc=runner_cls.model.__doc__)
-    for module in (runner_base, runner_iter):
-        module.dist = _BarrierIfInitialized(module.dist)
 
     if not torch.cuda.is_available():
         runner_base.PrefetchLoader = _HostLoader

@@ -53,8 +53,8 @@ def data_root(tmp_path_factory):
 def retrieval_run(data_root, tmp_path_factory):
     root, datasets = data_root
     out = tmp_path_factory.mktemp("retrieval")
+    # LAVIS's yaml as it is: negative_all_rank True gathers negatives over ranks, here in one process with no group
     cfg = tiny_project(os.path.join(LAVIS_PROJECTS, "train", "retrieval_coco_ft.yaml"), datasets, out / "train",
-                       model={"negative_all_rank": False},  # gathers negatives over ranks: one CPU process has one
                        run={**TINY_RUN, "k_test": 4, "valid_splits": ["val"]})
     log = run_cli("train", "--cfg-path", write_project(cfg, out / "train.yaml"))
     return out, job_dir(out / "train"), log
@@ -91,7 +91,6 @@ def test_training_resumes_from_its_checkpoint(retrieval_run, data_root):
     out, directory, _ = retrieval_run
     _, datasets = data_root
     cfg = tiny_project(os.path.join(LAVIS_PROJECTS, "train", "retrieval_coco_ft.yaml"), datasets, out / "resumed",
-                       model={"negative_all_rank": False},
                        run={**TINY_RUN, "max_epoch": 2, "k_test": 4, "valid_splits": ["val"],
                             "resume_ckpt_path": os.path.join(directory, "checkpoint_best.pth")})
     log = run_cli("train", "--cfg-path", write_project(cfg, out / "resume.yaml"))
@@ -126,7 +125,6 @@ def test_a_resume_checkpoint_of_another_model_is_refused_in_one_line(retrieval_r
     wrong = tmp_path / "other.pth"
     torch.save({"model": {"visual_encoder.cls_token": torch.zeros(1, 1, 7)}, "epoch": 0}, wrong)
     cfg = tiny_project(os.path.join(LAVIS_PROJECTS, "train", "retrieval_coco_ft.yaml"), datasets, tmp_path / "out",
-                       model={"negative_all_rank": False},
                        run={**TINY_RUN, "k_test": 4, "valid_splits": ["val"], "resume_ckpt_path": str(wrong)})
     result = subprocess.run([sys.executable, "-m", "lavis_accel.cli", "train", "--cfg-path",
                              write_project(cfg, tmp_path / "resume.yaml")], capture_output=True, text=True)

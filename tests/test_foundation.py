@@ -108,12 +108,28 @@ def test_cpu_runner_fixes_are_idempotent():
         assert runner_base.PrefetchLoader is compat._HostLoader
 
 
-def test_barrier_without_process_group_is_skipped_and_other_calls_pass_through():
+def test_distributed_calls_without_process_group_answer_for_one_process():
     import torch.distributed as dist
 
-    proxy = compat._BarrierIfInitialized(dist)
+    proxy = compat._SingleProcessDistributed(dist)
     assert proxy.barrier() is None
-    assert proxy.is_initialized() is False
+    assert (proxy.get_rank(), proxy.get_world_size(), proxy.is_initialized()) == (0, 1, False)
+    tensors = torch.ones(2, 3)
+    assert compat._gather_with_grad_if_distributed(None)(tensors) is tensors
+
+
+def test_distributed_calls_with_a_process_group_go_to_torch(single_process_group):
+    import torch.distributed as dist
+    from lavis.models.base_model import all_gather_with_grad
+
+    import lavis.models.blip2_models.blip2_qformer as blip2_qformer
+
+    proxy = compat._SingleProcessDistributed(dist)
+    assert proxy.is_initialized() and proxy.get_world_size() == dist.get_world_size() == 1
+    assert proxy.barrier() is None  # the real barrier, over one rank
+    tensors = torch.ones(2, 3)
+    assert blip2_qformer.all_gather_with_grad(tensors) is tensors  # LAVIS's own one-rank answer
+    assert all_gather_with_grad(tensors) is tensors
 
 
 def test_checkpoints_are_written_atomically(tmp_path):

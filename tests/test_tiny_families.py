@@ -160,7 +160,7 @@ def test_plugin_vit_type_sizes_and_errors():
 
 # --- CLIP -----------------------------------------------------------------------------------------------------------
 
-def test_clip_forward_and_features(images, single_process_group):
+def test_clip_forward_and_features(images, single_process_group):  # CLIP's loss asks torch.distributed
     assert tiny_model_config("clip") == {"model_type": "ViT-Tiny-16", "pretrained": ""}
     model = build_tiny("clip")
     output = model({"image": images, "text_input": CAPTIONS})
@@ -189,7 +189,7 @@ def test_blip2_t5_loss_beam_search_and_vqa(images):
     assert _is_nonempty_text(answers, 2)
 
 
-def test_blip2_qformer_loss(images, single_process_group):
+def test_blip2_qformer_loss(images):  # in one process, no process group
     model = build_tiny("blip2", "pretrain")
     assert torch.isfinite(model({"image": images, "text_input": CAPTIONS}).loss)
 

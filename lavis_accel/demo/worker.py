@@ -4,7 +4,6 @@ Stages: data -> training through LAVIS's runner -> evaluation of every setting t
 cost of every setting (counted FLOPs, interleaved timing) -> one table, ``results.json`` and a plot.
 """
 import argparse
-import json
 import os
 import sys
 import time

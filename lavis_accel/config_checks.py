@@ -27,6 +27,10 @@ def load_yaml(path, what="config file"):
         cfg = OmegaConf.load(path)
     except (yaml.YAMLError, OmegaConfBaseException) as err:
         raise SettingError(f"{what} {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    except UnicodeDecodeError:
+        raise SettingError(f"{what} {path} is not a text file (not UTF-8): give a YAML file") from None
+    except OSError as err:
+        raise SettingError(f"{what} {path} cannot be read: {err.strerror}") from None
     if not isinstance(cfg, DictConfig):
         raise SettingError(f"{what} {path} must hold a mapping, not {type(cfg).__name__}")
     return cfg
@@ -40,7 +44,7 @@ def parse_options(options):
             raise SettingError(f"--options: '{opt}' is not of the form key=value")
     try:
         return OmegaConf.from_dotlist(options)
-    except OmegaConfBaseException as err:
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
         raise SettingError(f"--options: {' '.join(str(err).split())}") from None
 
 
@@ -69,6 +73,32 @@ def check_project(cfg):
     for name in cfg.datasets:
         if registry.get_builder_class(name) is None:
             raise _unknown("datasets", name, registry.mapping["builder_name_mapping"])
+        if not isinstance(cfg.datasets[name], DictConfig):
+            raise SettingError(f"datasets.{name} must be a mapping of the dataset's settings (at least {{}}), "
+                               f"not {cfg.datasets[name]!r}")
+
+
+def check_reducer_block(model_cfg):
+    """A ``reducer:`` block is for an arch that binds a reducer (the plugin's variants); there it must be valid.
+
+    LAVIS's own archs ignore keys they do not read, so a reducer block on ``blip_retrieval`` would silently do
+    nothing. ``model_cfg`` is the merged model config (the arch's defaults below the project's). The block is built
+    here, so a bad setting fails before any model or data is touched.
+    """
+    from lavis_accel.models.reduced import ReducedModel
+    from lavis_accel.processors.reducers import build_reducer
+
+    model_cls = registry.get_model_class(model_cfg.arch)
+    reducer_cfg = model_cfg.get("reducer")
+    if not issubclass(model_cls, ReducedModel):
+        if reducer_cfg is not None:
+            variants = [name for name, cls in registry.mapping["model_name_mapping"].items()
+                        if issubclass(cls, ReducedModel) and issubclass(cls, model_cls)]
+            hint = f": use {' or '.join(variants)}" if variants else ""
+            raise SettingError(f"model.reducer: {model_cfg.arch} has no token-reduction binding{hint}")
+        return
+    if reducer_cfg is not None:
+        build_reducer(reducer_cfg)
 
 
 def _as_list(value):

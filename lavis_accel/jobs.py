@@ -26,9 +26,11 @@ from lavis.common.config import Config
 from lavis.common.dist_utils import get_rank, init_distributed_mode
 from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
-from lavis.common.utils import now
 from lavis_accel import config_checks
 from lavis_accel.datasets import set_cache_root
+from lavis_accel.job_dirs import shared_job_id
+from lavis_accel.option_keys import check_option_keys
+from lavis_accel.run_checks import check_run
 
 
 def add_arguments(parser):
@@ -38,14 +40,20 @@ def add_arguments(parser):
     return parser
 
 
-def load_config(cfg_path, options=None):
-    """The merged LAVIS ``Config`` of a project yaml plus ``--options``, checked before any work starts."""
+def load_config(cfg_path, options=None, mode="train"):
+    """The merged LAVIS ``Config`` of a project yaml plus ``--options``, checked before any work starts.
+
+    ``mode`` (train or evaluate) decides which run settings are needed.
+    """
     user = config_checks.load_yaml(cfg_path)
     merged = OmegaConf.merge(user, config_checks.parse_options(options))
     config_checks.check_project(merged)
+    check_option_keys(options, user, merged)
+    check_run(merged, mode)
     if merged.get("env", {}).get("cache_root"):
         set_cache_root(merged.env.cache_root)
     cfg = Config(SimpleNamespace(cfg_path=cfg_path, options=options))
+    config_checks.check_reducer_block(cfg.model_cfg)
     config_checks.check_dataset_paths(cfg.datasets_cfg)
     config_checks.check_checkpoint_files(cfg.config)
     if not os.path.isabs(cfg.run_cfg.output_dir):
@@ -62,11 +70,14 @@ def setup_seeds(cfg):
     cudnn.deterministic = True
 
 
-def build_runner(cfg_path, options=None):
-    """Everything LAVIS's scripts do before ``runner.train()`` / ``runner.evaluate()``; returns the runner."""
-    job_id = now()
-    cfg = load_config(cfg_path, options)
+def build_runner(cfg_path, options=None, mode="train"):
+    """Everything LAVIS's scripts do before ``runner.train()`` / ``runner.evaluate()``; returns the runner.
+
+    One difference: the job folder gets a unique id and is created before any work (``job_dirs``).
+    """
+    cfg = load_config(cfg_path, options, mode)
     init_distributed_mode(cfg.run_cfg)
+    job_id = shared_job_id(cfg.run_cfg.output_dir)
     setup_seeds(cfg)
     setup_logger()
     cfg.pretty_print()
@@ -96,7 +107,7 @@ def train(args):
 
 
 def evaluate(args):
-    runner = build_runner(args.cfg_path, args.options)
+    runner = build_runner(args.cfg_path, args.options, mode="evaluate")
     runner.evaluate(skip_reload=True)
     logging.info("lavis-accel: results and logs in %s", runner.output_dir)
     return 0

@@ -13,7 +13,7 @@ RETRIEVAL_CFG = {
         "annotations": {"test": {"storage": "/nonexistent/ann/coco_karpathy_test.json"}},
         "images": {"storage": "/nonexistent/images"},
     }}},
-    "run": {"task": "retrieval", "device": "cpu", "distributed": False, "output_dir": "out"},
+    "run": {"task": "retrieval", "device": "cpu", "distributed": False, "output_dir": "out", "seed": 42},
 }
 
 

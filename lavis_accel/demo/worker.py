@@ -52,7 +52,7 @@ def main(argv=None):
         progress(f"evaluating {name} through LAVIS's retrieval task")
         eval_yaml = write_project(OmegaConf.create(project.eval_config(settings, datasets, checkpoint, name, reducer)),
                                   os.path.join(settings.workdir, "configs", f"eval_{name}.yaml"))
-        runner = jobs.build_runner(eval_yaml)
+        runner = jobs.build_runner(eval_yaml, mode="evaluate")
         metrics = runner.evaluate(skip_reload=True)["test"]
         rows.append({"setting": name, "reducer": reducer["name"] if reducer else None,
                      "r": reducer["r"] if reducer else 0, **metrics})

@@ -11,10 +11,12 @@ compat.ensure_torchvision_importable()
 from lavis_accel import registration  # noqa: E402
 from lavis_accel import processors  # noqa: E402,F401  (registers the reducers)
 from lavis_accel import models  # noqa: E402,F401  (registers the models and config extensions)
+from lavis_accel import runner_state  # noqa: E402
 
 compat.enable_cpu_runner()
 compat.enable_single_process_runs()
-compat.enable_safe_checkpoints()
+compat.enable_cpu_distributed()
+runner_state.enable_exact_resume()
 compat.skip_spice_when_offline()
 registration.refresh_model_zoo()
 

@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lavis.common.registry import registry
 from lavis.common.utils import get_cache_path, is_url
 from lavis.models.base_model import BaseModel
+from lavis_accel.checkpoints import loading_safely
 from lavis_accel.errors import SettingError
 
 
@@ -153,27 +154,58 @@ def state_dict_misfit(model, state_dict, shapes_must_match=True):
             f"{list(state_dict[name].shape)} in the file vs {list(model_shapes[name])} in the model")
 
 
-def checked_load_state_dict(model, key, path, shapes_must_match=True):
-    """``model.load_state_dict`` that first refuses a state dict that does not fit, in one line naming the setting."""
+MIN_PRETRAINED_SHARE = 0.5
+
+
+def _unset_parameters_problem(model, result, key, load_strict):
+    """Why a load that left ``result.missing_keys`` unset is refused, or None.
+
+    Frozen parameters may be missing (LAVIS's runner does not save them). A fine-tuned file must set every other
+    parameter; a pre-trained one at least half of the trainable weights (heads and projections may start fresh).
+    """
+    trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
+    unset = [name for name in result.missing_keys if name in trainable]
+    if not unset or not load_strict:
+        return None
+    hint = "(--options model.load_strict=False accepts a partial load)"
+    if key == "model.finetuned":
+        return f"leaves {len(unset)} parameters of {type(model).__name__} unset, e.g. {unset[0]} {hint}"
+    share = 1 - sum(trainable[name] for name in unset) / max(1, sum(trainable.values()))
+    if share < MIN_PRETRAINED_SHARE:
+        return (f"sets only {share:.0%} of the trainable weights of {type(model).__name__} ({len(unset)} parameters "
+                f"unset, e.g. {unset[0]}) {hint}")
+    return None
+
+
+def checked_load_state_dict(model, key, path, shapes_must_match=True, load_strict=True):
+    """``model.load_state_dict`` that refuses, in one line naming the setting, a state dict that does not fit (no
+    shared names, other shapes) before loading it, and one that leaves too much of the model unset after."""
     stock_load = type(model).load_state_dict.__get__(model)
 
     def load_state_dict(state_dict, strict=True, **kwargs):
         problem = state_dict_misfit(model, state_dict, shapes_must_match)
         if problem:
             raise SettingError(f"{key}: {path} {problem}")
-        return stock_load(state_dict, strict=strict, **kwargs)
+        result = stock_load(state_dict, strict=strict, **kwargs)
+        problem = _unset_parameters_problem(model, result, key, load_strict)
+        if problem:
+            raise SettingError(f"{key}: {path} {problem}")
+        return result
 
     return load_state_dict
 
 
 @contextlib.contextmanager
 def checking_model_checkpoints(cfg):
-    """While a model is built, check that what LAVIS loads from a local ``finetuned``/``pretrained`` file fits it.
+    """While a model is built, read checkpoints safely and check that what LAVIS loads from a local
+    ``finetuned``/``pretrained`` file fits the model.
 
-    LAVIS loads checkpoints inside ``from_config`` (``BaseModel.load_checkpoint_from_config``), after the model is
-    constructed. For that call the model's ``load_state_dict`` refuses a misfit state dict, so the check sees exactly
-    what LAVIS loads and no file is read twice. Pre-trained files are checked for shared names only: LAVIS
-    deliberately drops their tensors of another shape (and interpolates position embeddings).
+    Every ``torch.load`` of the build goes through ``checkpoints.safe_load`` (``weights_only=True``). LAVIS loads
+    checkpoints inside ``from_config`` (``BaseModel.load_checkpoint_from_config``), after the model is constructed.
+    For that call the model's ``load_state_dict`` refuses a misfit state dict, so the check sees exactly what LAVIS
+    loads and no file is read twice. Pre-trained files are checked for shared names only: LAVIS deliberately drops
+    their tensors of another shape (and interpolates position embeddings). ``model.load_strict: False`` accepts a
+    load that leaves parameters unset.
     """
     paths = {key: path for key, path in checkpoint_paths(cfg).items() if key.startswith("model.")}
     stock = BaseModel.load_checkpoint_from_config
@@ -182,7 +214,8 @@ def checking_model_checkpoints(cfg):
         if not paths:
             return stock(self, model_cfg, **kwargs)
         ((key, path),) = paths.items()  # finetuned or pretrained, never both
-        self.load_state_dict = checked_load_state_dict(self, key, path, shapes_must_match=key == "model.finetuned")
+        self.load_state_dict = checked_load_state_dict(self, key, path, shapes_must_match=key == "model.finetuned",
+                                                       load_strict=model_cfg.get("load_strict", True))
         try:
             return stock(self, model_cfg, **kwargs)
         except KeyError as err:  # e.g. BLIP's pre-trained loader indexes the file's position embedding
@@ -192,7 +225,8 @@ def checking_model_checkpoints(cfg):
 
     BaseModel.load_checkpoint_from_config = load_checkpoint_from_config
     try:
-        yield
+        with loading_safely({path: key for key, path in paths.items()}):
+            yield
     finally:
         BaseModel.load_checkpoint_from_config = stock
 

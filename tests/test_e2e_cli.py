@@ -123,7 +123,7 @@ def test_a_resume_checkpoint_of_another_model_is_refused_in_one_line(retrieval_r
     _, _, _ = retrieval_run
     _, datasets = data_root
     wrong = tmp_path / "other.pth"
-    torch.save({"model": {"visual_encoder.cls_token": torch.zeros(1, 1, 7)}, "epoch": 0}, wrong)
+    torch.save({"model": {"visual_encoder.cls_token": torch.zeros(1, 1, 7)}, "optimizer": {}, "epoch": 0}, wrong)
     cfg = tiny_project(os.path.join(LAVIS_PROJECTS, "train", "retrieval_coco_ft.yaml"), datasets, tmp_path / "out",
                        run={**TINY_RUN, "k_test": 4, "valid_splits": ["val"], "resume_ckpt_path": str(wrong)})
     result = subprocess.run([sys.executable, "-m", "lavis_accel.cli", "train", "--cfg-path",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lavis.common.registry import registry
-from lavis_accel import compat, registration
+from lavis_accel import checkpoints, compat, registration, runner_state
 
 PLUGIN_ARCHS = {
     "blip_retrieval_turbo": ["coco", "flickr"],
@@ -102,7 +102,7 @@ def test_cpu_runner_fixes_are_idempotent():
 
     model_property = runner_base.RunnerBase.model
     compat.enable_cpu_runner()
-    compat.enable_safe_checkpoints()
+    runner_state.enable_exact_resume()
     assert runner_base.RunnerBase.model is model_property
     if not torch.cuda.is_available():
         assert runner_base.PrefetchLoader is compat._HostLoader
@@ -132,39 +132,13 @@ def test_distributed_calls_with_a_process_group_go_to_torch(single_process_group
     assert all_gather_with_grad(tensors) is tensors
 
 
-def test_checkpoints_are_written_atomically(tmp_path):
-    target = tmp_path / "checkpoint_0.pth"
-    target.write_bytes(b"previous")
-
-    def failing_save(obj, f, *args, **kwargs):
-        with open(f, "wb") as handle:
-            handle.write(b"partial")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError, match="disk full"):
-        compat._save_atomically(failing_save)({"model": {}}, str(target))
-    assert target.read_bytes() == b"previous"
-    assert os.listdir(tmp_path) == ["checkpoint_0.pth"]
-    compat._save_atomically(torch.save)({"epoch": 3}, str(target))
-    assert torch.load(target)["epoch"] == 3
-
-
-def test_checkpoints_keep_the_file_mode_torch_save_would_give(tmp_path):
-    umask = os.umask(0o022)
-    try:
-        compat._save_atomically(torch.save)({"epoch": 0}, str(tmp_path / "checkpoint.pth"))
-    finally:
-        os.umask(umask)
-    assert (tmp_path / "checkpoint.pth").stat().st_mode & 0o777 == 0o644
-
-
 def test_resume_accepts_only_missing_frozen_parameters():
     from lavis_accel.errors import SettingError
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     model[1].weight.requires_grad_(False)
     model[1].bias.requires_grad_(False)
-    load = compat._resume_load_state_dict(model, "ckpt.pth")
+    load = runner_state.resume_load_state_dict(model, "ckpt.pth")
     trainable = {k: v for k, v in model.state_dict().items() if k.startswith("0.")}
     load(trainable)
     with pytest.raises(SettingError, match=r"run.resume_ckpt_path: ckpt.pth does not fit Sequential: missing \['0.bias'\]"):

@@ -3,10 +3,10 @@
 Each fix applies only when the problem it fixes is actually present, so a GPU user's run with matching
 wheels behaves exactly as stock LAVIS.
 """
+import functools
 import logging
 import os
 import sys
-import tempfile
 import warnings
 
 logger = logging.getLogger(__name__)
@@ -136,10 +136,12 @@ def enable_single_process_runs():
 
 
 def enable_cpu_runner():
-    """Let LAVIS's ``RunnerBase`` train and evaluate in one CPU process (``device: cpu, distributed: False``).
+    """Let LAVIS's ``RunnerBase`` train and evaluate on CPU (``device: cpu``; one process, or several: see
+    ``enable_cpu_distributed``).
 
     Fixes, each only where stock LAVIS 1.0.2 would crash:
-    1. ``RunnerBase.model`` returns None when the model already sits on the run device: return the model.
+    1. ``RunnerBase.model`` returns None when the model already sits on the run device: return the model, wrapped
+       in DDP when distributed (with no ``device_ids``, as a CPU module requires; LAVIS passes ``[run.gpu]``).
     2. ``PrefetchLoader`` needs CUDA streams: without CUDA, use a plain loader.
     3. ``task.evaluation`` moves batches to CUDA by default: without CUDA, keep them on the host.
     Idempotent. On a machine with CUDA, 2 and 3 change nothing; 1 only acts where LAVIS would fail.
@@ -157,9 +159,9 @@ def enable_cpu_runner():
 
     def model(self):
         wrapped = stock_model(self)
-        if wrapped is None and not self.use_distributed:
-            self._wrapped_model = self._model
-            wrapped = self._model
+        if wrapped is None:  # LAVIS wraps the model only while moving it to the run device
+            self._wrapped_model = runner_base.DDP(self._model) if self.use_distributed else self._model
+            wrapped = self._wrapped_model
         return wrapped
 
     runner_cls.model = property(model, doc=runner_cls.model.__doc__)
@@ -174,96 +176,6 @@ def enable_cpu_runner():
         base_task.prepare_sample = prepare_sample
         dialogue_task.prepare_sample = prepare_sample
     runner_base._lavis_accel_cpu_runner = True
-
-
-def _current_umask():
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def _save_atomically(stock_save):
-    """``torch.save`` that writes to a temporary file beside the target, then renames it into place."""
-
-    def save(obj, f, *args, **kwargs):
-        if not isinstance(f, (str, os.PathLike)):
-            return stock_save(obj, f, *args, **kwargs)
-        directory = os.path.dirname(os.path.abspath(f))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~_current_umask())  # mkstemp makes 0600; torch.save's file would follow the umask
-        try:
-            stock_save(obj, tmp, *args, **kwargs)
-            os.replace(tmp, f)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-
-    return save
-
-
-def _resume_load_state_dict(model, path):
-    """``load_state_dict`` for resuming from a LAVIS checkpoint, which omits every parameter with requires_grad False.
-
-    Keys missing from the file are accepted only when they are such frozen parameters (e.g. BLIP's momentum
-    encoders); a tensor of another shape, any other missing key or an unexpected key is refused in one line.
-    """
-    from lavis_accel.config_checks import state_dict_misfit
-    from lavis_accel.errors import SettingError
-
-    stock_load = type(model).load_state_dict.__get__(model)
-
-    def load(state_dict, strict=True):
-        problem = state_dict_misfit(model, state_dict)
-        if problem:
-            raise SettingError(f"run.resume_ckpt_path: {path} {problem}")
-        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-        result = stock_load(state_dict, strict=False)
-        missing = [k for k in result.missing_keys if k not in frozen]
-        if strict and (missing or result.unexpected_keys):
-            raise SettingError(f"run.resume_ckpt_path: {path} does not fit {type(model).__name__}: missing "
-                               f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}")
-        return result
-
-    return load
-
-
-def enable_safe_checkpoints():
-    """Make LAVIS's runner write checkpoints atomically and resume from its own checkpoints.
-
-    ``RunnerBase._save_checkpoint`` writes ``checkpoint_*.pth`` in place (a crash mid-write leaves a corrupt file);
-    ``RunnerBase._load_checkpoint`` loads strictly a state dict from which ``_save_checkpoint`` dropped the frozen
-    parameters, so resuming any model with frozen weights fails. Idempotent.
-    """
-    import torch
-    import lavis.runners.runner_base as runner_base
-
-    runner_cls = runner_base.RunnerBase
-    if getattr(runner_cls, "_lavis_accel_safe_checkpoints", False):
-        return
-    stock_save_checkpoint = runner_cls._save_checkpoint
-    stock_load_checkpoint = runner_cls._load_checkpoint
-
-    def _save_checkpoint(self, cur_epoch, is_best=False):
-        stock_torch_save = torch.save
-        torch.save = _save_atomically(stock_torch_save)
-        try:
-            return stock_save_checkpoint(self, cur_epoch, is_best)
-        finally:
-            torch.save = stock_torch_save
-
-    def _load_checkpoint(self, url_or_filename):
-        model = self.unwrap_dist_model(self.model)
-        model.load_state_dict = _resume_load_state_dict(model, url_or_filename)
-        try:
-            return stock_load_checkpoint(self, url_or_filename)
-        finally:
-            del model.load_state_dict
-
-    runner_cls._save_checkpoint = _save_checkpoint
-    runner_cls._load_checkpoint = _load_checkpoint
-    runner_cls._lavis_accel_safe_checkpoints = True
 
 
 class _SpiceUnavailable:
@@ -309,3 +221,75 @@ def skip_spice_when_offline():
     cap_eval.Spice = spice_or_skip
     cap_eval.COCOEvalCap.evaluate = evaluate
     cap_eval._lavis_accel_spice_guard = True
+
+
+def _launched_distributed():
+    """True when torchrun (``RANK``, ``WORLD_SIZE``) or SLURM (``SLURM_PROCID``) started this process (LAVIS's test)."""
+    return ("RANK" in os.environ and "WORLD_SIZE" in os.environ) or "SLURM_PROCID" in os.environ
+
+
+def _init_gloo_process_group(args, setup_for_distributed):
+    """LAVIS's ``init_distributed_mode`` for processes without a GPU: gloo instead of nccl, no CUDA device to select.
+
+    Sets the same run config fields as LAVIS (``rank``, ``world_size``, ``gpu`` = the local rank, ``distributed``,
+    ``dist_backend``), waits at a barrier and leaves printing to rank 0. Under SLURM, as in LAVIS, ``world_size``
+    comes from the config.
+    """
+    import torch.distributed as dist
+
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        args.rank, args.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        args.gpu = int(env.get("LOCAL_RANK", 0))
+    else:
+        args.rank, args.gpu = int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0))
+    args.distributed = True
+    args.dist_backend = "gloo"
+    print(f"| distributed init (rank {args.rank}, world {args.world_size}): {args.dist_url} (gloo, CPU)", flush=True)
+    dist.init_process_group(backend="gloo", init_method=args.dist_url, world_size=args.world_size, rank=args.rank)
+    dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+class _HostTensors:
+    """``torch`` as LAVIS's ``logger`` module sees it without CUDA: ``torch.tensor(..., device="cuda")`` stays on the
+    host. ``SmoothedValue.synchronize_between_processes`` builds its all-reduce buffer there; gloo reduces it."""
+
+    def __init__(self, torch):
+        self._torch = torch
+
+    def tensor(self, *args, device=None, **kwargs):
+        return self._torch.tensor(*args, device=None if device == "cuda" else device, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._torch, name)
+
+
+def enable_cpu_distributed():
+    """Let ``torchrun --nproc_per_node N`` run LAVIS's runner in N CPU processes, e.g. to rehearse a cluster job.
+
+    LAVIS's ``init_distributed_mode`` always selects a CUDA device and the nccl backend. When the process was
+    launched distributed and CUDA is absent (or ``run.device`` is cpu), a gloo process group is set up instead;
+    otherwise LAVIS's function runs unchanged. Without CUDA, the training-loss average that LAVIS's ``MetricLogger``
+    all-reduces across ranks is built on the host. (DDP without ``device_ids``, host loaders and host batches:
+    ``enable_cpu_runner``.) Idempotent.
+    """
+    import torch
+    import lavis.common.dist_utils as dist_utils
+    import lavis.common.logger as lavis_logger
+
+    if getattr(dist_utils, "_lavis_accel_cpu_distributed", False):
+        return
+    stock_init = dist_utils.init_distributed_mode
+
+    @functools.wraps(stock_init)
+    def init_distributed_mode(args):
+        on_host = not torch.cuda.is_available() or str(getattr(args, "device", "cuda")) == "cpu"
+        if on_host and _launched_distributed():
+            return _init_gloo_process_group(args, dist_utils.setup_for_distributed)
+        return stock_init(args)
+
+    dist_utils.init_distributed_mode = init_distributed_mode
+    if not torch.cuda.is_available():
+        lavis_logger.torch = _HostTensors(lavis_logger.torch)
+    dist_utils._lavis_accel_cpu_distributed = True

@@ -27,6 +27,7 @@ from lavis.common.dist_utils import get_rank, init_distributed_mode
 from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
 from lavis_accel import config_checks
+from lavis_accel.data_checks import checking_datasets
 from lavis_accel.datasets import set_cache_root
 from lavis_accel.job_dirs import shared_job_id
 from lavis_accel.option_keys import check_option_keys
@@ -83,7 +84,11 @@ def build_runner(cfg_path, options=None, mode="train"):
     cfg.pretty_print()
 
     task = tasks.setup_task(cfg)
-    datasets = task.build_datasets(cfg)
+    evaluated = list(cfg.run_cfg.get("test_splits") or [])
+    if mode == "train":
+        evaluated += list(cfg.run_cfg.get("valid_splits") or [])
+    with checking_datasets(cfg.run_cfg, os.path.join(cfg.run_cfg.output_dir, job_id), evaluated):
+        datasets = task.build_datasets(cfg)
     with config_checks.checking_model_checkpoints(cfg.config):
         model = task.build_model(cfg)
 

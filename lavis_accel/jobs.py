@@ -91,6 +91,8 @@ def build_runner(cfg_path, options=None, mode="train"):
         datasets = task.build_datasets(cfg)
     with config_checks.checking_model_checkpoints(cfg.config):
         model = task.build_model(cfg)
+    if torch.device(cfg.run_cfg.device).type == "cpu":
+        model = model.float()  # as LAVIS's load_model does on CPU: BLIP-2 builds its ViT and OPT in fp16
 
     runner_cls = registry.get_runner_class(cfg.run_cfg.get("runner", "runner_base"))
     _forget_previous_job_paths()

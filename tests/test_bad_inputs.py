@@ -289,3 +289,22 @@ def test_two_runs_of_one_yaml_get_their_own_folders(data, tmp_path):
     for folder in folders:
         with open(folder / "evaluate.txt", encoding="utf-8") as f:
             assert len(f.readlines()) == 1  # nobody appended to another run's log
+
+
+def test_offline_load_model_and_preprocess_names_the_url(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torch.hub
+    from lavis.models import load_model_and_preprocess
+
+    from lavis_accel.errors import SettingError
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "urlopen", no_network)
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))  # an empty download cache
+    with pytest.raises(SettingError, match=r"^model.finetuned: cannot download https://\S+/blip_coco_retrieval"
+                                           r"\.pth \(no network\); offline, fetch it elsewhere and point "
+                                           r"model.finetuned at the local file"):
+        load_model_and_preprocess("blip_retrieval_turbo", "coco", is_eval=True)

@@ -1,5 +1,15 @@
 """The one thing every token-reduction variant adds to its LAVIS parent: a reducer built from ``reducer:``."""
+import urllib.error
+
+from lavis.common.utils import is_url
 from lavis_accel.errors import SettingError
+
+
+def checkpoint_url(cfg):
+    """The checkpoint URL ``from_config`` downloads (``finetuned``, else ``pretrained``), or None."""
+    key = "finetuned" if cfg.get("load_finetuned", True) else "pretrained"
+    url = cfg.get(key)
+    return (key, url) if isinstance(url, str) and is_url(url) else (key, None)
 
 
 class ReducedModel:
@@ -17,4 +27,13 @@ class ReducedModel:
         if reducer_cfg is None:
             raise SettingError(f"model.reducer: {cls.__name__} needs a reducer block (name, r, ...)")
         reducer = build_reducer(reducer_cfg)  # bad settings fail here, before a checkpoint is fetched and loaded
-        return reducer(super().from_config(cfg))
+        try:
+            model = super().from_config(cfg)
+        except urllib.error.URLError as err:
+            key, url = checkpoint_url(cfg)
+            if url is None:
+                raise
+            raise SettingError(f"model.{key}: cannot download {url} ({err.reason}); offline, fetch it elsewhere and "
+                               f"point model.{key} at the local file (in a yaml, or --options model.{key}=PATH)"
+                               ) from None
+        return reducer(model)

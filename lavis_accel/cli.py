@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "evaluate": ("lavis_accel.jobs", "evaluate", "evaluate a LAVIS project yaml (LAVIS's evaluate.py)"),
     "bench": ("lavis_accel.bench.cli", "run", "FLOPs, throughput and memory of an accelerated arch vs its parent"),
     "demo": ("lavis_accel.demo", "run", "train, evaluate and compare accelerated models on synthetic data (CPU)"),
+    "dry-run": ("lavis_accel.dryrun", "run", "rehearse a project yaml at tiny size on synthetic data, on CPU"),
 }
 
 

@@ -1,0 +1,68 @@
+"""The synthetic data a dry-run writes: each dataset a project names, written by the writer of its LAVIS format.
+
+A dataset is written by a writer of ``lavis_accel.datasets`` when LAVIS reads it with the same dataset classes as
+that writer's dataset (so the same annotation format): Flickr30k retrieval as COCO retrieval, OK-VQA as VQAv2.
+Visual Genome QA (``vg_vqa``) differs in one field only (one answer string per question, not a list), so its
+writer converts the VQA writer's training questions. Any other dataset has no writer and is refused in one line.
+"""
+import json
+import os
+
+from lavis_accel.datasets import write_caption, write_nlvr, write_retrieval, write_vqa
+from lavis_accel.errors import SettingError
+
+# images (NLVR2: image pairs) per split; 8 evaluation examples make a score of exactly 0 unlikely even for a random
+# model (LAVIS's runner saves checkpoint_best.pth only for a validation score above 0, and then tests with it)
+SIZES = {"n_train": 8, "n_val": 8, "n_test": 8}
+
+
+def _renamed(writer, name):
+    """``writer`` for another dataset that LAVIS reads with the same dataset classes, written under ``name``."""
+    def write(root, **sizes):
+        (entry,) = writer(os.path.join(root, name), **sizes).values()
+        return {name: entry}
+    return write
+
+
+def write_vg_vqa(root, **sizes):
+    """Write a ``vg_vqa`` training split (the only split LAVIS's builder has) and return its ``datasets:`` entry.
+
+    LAVIS's ``VGVQADataset`` reads ``image``, ``question`` and one ``answer`` string per entry.
+    """
+    (entry,) = write_vqa(os.path.join(root, "vg_vqa"), **sizes).values()
+    (vqa_train,) = entry["build_info"]["annotations"]["train"]["storage"]
+    with open(vqa_train, encoding="utf-8") as f:
+        questions = json.load(f)
+    path = os.path.join(os.path.dirname(vqa_train), "vg_qa.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump([{**q, "answer": q["answer"][0], "dataset": "vg"} for q in questions], f)
+    entry["build_info"]["annotations"] = {"train": {"url": path, "storage": path}}
+    return {"vg_vqa": entry}
+
+
+WRITERS = {
+    "coco_retrieval": write_retrieval,
+    "flickr30k": _renamed(write_retrieval, "flickr30k"),
+    "coco_caption": write_caption,  # its ground truth goes to <root>/coco_gt: root must be the run's cache_root
+    "coco_vqa": write_vqa,
+    "ok_vqa": _renamed(write_vqa, "ok_vqa"),
+    "vg_vqa": write_vg_vqa,
+    "nlvr": write_nlvr,
+}
+
+
+def check_writers(names):
+    """Refuse, in one line naming them, the datasets that have no synthetic writer."""
+    missing = [name for name in names if name not in WRITERS]
+    if missing:
+        raise SettingError(f"datasets: no synthetic data for {', '.join(missing)} "
+                           f"(dry-run writes {', '.join(sorted(WRITERS))})")
+
+
+def write_datasets(names, root):
+    """Write every dataset in ``names`` under ``root`` at :data:`SIZES`; return the ``datasets:`` entries."""
+    check_writers(names)
+    entries = {}
+    for name in names:
+        entries.update(WRITERS[name](root, **SIZES))
+    return entries

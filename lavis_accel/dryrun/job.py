@@ -1,0 +1,28 @@
+"""The dry-run's LAVIS job: ``lavis-accel train|evaluate`` in a child process pointed at an offline hub.
+
+transformers reads its cache location and offline switch when it is imported, so the job runs in a new process
+whose environment holds ``testing.hub.offline_env`` from the start. Its output goes to a log file, which is what
+the report reads.
+"""
+import os
+import subprocess
+import sys
+
+from lavis_accel.testing.hub import offline_env
+
+
+def run_cli_job(command, cfg_path, hub_root, log_path):
+    """Run ``python -m lavis_accel.cli <command> --cfg-path <cfg_path>``, stdout and stderr to ``log_path``; return
+    its exit status."""
+    env = {**os.environ, **offline_env(hub_root)}
+    # one thread: a tiny model gains nothing from intra-op threads, and OpenMP's spinning slows it on busy cores
+    env.setdefault("OMP_NUM_THREADS", "1")
+    argv = [sys.executable, "-m", "lavis_accel.cli", command, "--cfg-path", cfg_path]
+    with open(log_path, "w", encoding="utf-8") as log:
+        return subprocess.run(argv, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def last_error_line(log_text):
+    """The line a failed job ended on: the exception of a traceback, or the CLI's one-line error."""
+    lines = [line.strip() for line in log_text.splitlines() if line.strip()]
+    return lines[-1] if lines else "(the job printed nothing)"

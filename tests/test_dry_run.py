@@ -1,0 +1,160 @@
+"""``lavis-accel dry-run`` rehearses every project yaml shipped under ``projects/`` and LAVIS's own BLIP retrieval,
+caption, VQA and NLVR2 train and eval yamls on CPU, and refuses what it cannot rehearse in one line.
+
+The rehearsals call the CLI's ``main`` in this process (the LAVIS job itself always runs in a child process with the
+dry-run's own offline hub); one refusal goes through ``python -m lavis_accel.cli`` as a user types it.
+"""
+import glob
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+from lavis.common.registry import registry
+from omegaconf import OmegaConf
+
+from lavis_accel import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = sorted(glob.glob(os.path.join(REPO, "projects", "**", "*.yaml"), recursive=True))
+LAVIS_BLIP = os.path.join(registry.get_path("library_root"), "projects", "blip")
+LAVIS_BLIP2_OPT_CAPTION = os.path.join(registry.get_path("library_root"), "projects", "blip2", "eval",
+                                       "caption_coco_opt2.7b_eval.yaml")  # OPT built in fp16: cast to fp32 on CPU
+LAVIS_YAMLS = [
+    "train/retrieval_coco_ft.yaml", "eval/ret_coco_eval.yaml",
+    "train/caption_coco_ft.yaml", "eval/caption_coco_eval.yaml",
+    "train/vqav2_ft.yaml", "eval/vqav2_eval.yaml",  # vqav2_ft also trains on Visual Genome QA (vg_vqa)
+    "train/nlvr_ft.yaml", "eval/nlvr_eval.yaml",
+    "train/okvqa_ft.yaml",  # ok_vqa: written by the VQA writer under its own name
+]
+CASES = ([pytest.param(path, id=os.path.relpath(path, REPO)) for path in SHIPPED]
+         + [pytest.param(os.path.join(LAVIS_BLIP, name), id=f"lavis/{name}") for name in LAVIS_YAMLS]
+         + [pytest.param(LAVIS_BLIP2_OPT_CAPTION, id="lavis/blip2/eval/caption_coco_opt2.7b_eval.yaml")])
+
+
+def dry_run(capsys, *argv):
+    """``(exit status, stdout, stderr lines)`` of ``lavis-accel dry-run ARGV`` run in this process."""
+    status = cli.main(["dry-run", *argv])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err.strip().splitlines()
+
+
+def report_rows(out):
+    """The report's ``name: text`` rows (two-space indented lines after the header)."""
+    rows = [line.strip().split(None, 1) for line in out.splitlines() if line.startswith("  ")]
+    return {name: text for name, text in rows}
+
+
+def test_every_shipped_yaml_is_covered():
+    assert len(SHIPPED) >= 5, SHIPPED
+
+
+@pytest.mark.parametrize("cfg_path", CASES)
+def test_dry_run_passes(cfg_path, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the default work folder is made
+    status, out, err = dry_run(capsys, "--cfg-path", cfg_path)
+    assert status == 0, out + "\n".join(err)
+    rows = report_rows(out)
+    training = not OmegaConf.load(cfg_path).run.get("evaluate", False)
+    assert rows["config"].startswith("parsed and checked")
+    assert "LAVIS's builders read train" in rows["data"]
+    assert rows["evaluation"].split("metrics: ")[1]  # LAVIS's task wrote metrics (their names are listed)
+    if training:
+        assert "`lavis-accel train` ran on CPU" in out
+        assert rows["training"].startswith("1 epoch, ") and "train_loss" in rows["training"]
+        assert rows["checkpoint"].startswith("checkpoint_")
+    else:
+        assert "`lavis-accel evaluate` ran on CPU" in out
+        assert rows["training"] == "none (run.evaluate: True)"
+    assert os.listdir(tmp_path) == []  # the temporary work folder is removed
+
+
+def test_options_reach_the_job_and_a_given_workdir_is_kept(capsys, tmp_path):
+    """``--options`` apply to the yaml before it is made tiny: here a reducer that merges at the tiny ViT's 37
+    tokens, which the job's log shows; ``--workdir`` keeps the tiny yaml, the data and the log."""
+    workdir = tmp_path / "work"
+    status, out, err = dry_run(capsys, "--cfg-path", os.path.join(REPO, "projects", "turbo", "eval",
+                                                                  "ret_coco_eval.yaml"),
+                               "--options", "model.reducer.r=4", "model.reducer.threshold=1",
+                               "--workdir", str(workdir))
+    assert status == 0, out + "\n".join(err)
+    tiny = OmegaConf.load(workdir / "tiny_ret_coco_eval.yaml")
+    assert tiny.model.reducer.r == 4 and tiny.model.vit_type == "tiny" and tiny.run.k_test == 8
+    assert "keeps ViT tokens 37 -> 33 -> 29 -> 25 -> 21" in (workdir / "dry_run.log").read_text()
+    assert (workdir / "data" / "coco_retrieval").is_dir()
+    assert report_rows(out)["workdir"] == f"{workdir} (kept)"
+
+
+def test_a_failing_job_ends_with_its_last_error_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    status, _, err = dry_run(capsys, "--cfg-path", os.path.join(REPO, "projects", "turbo", "eval", "nlvr_eval.yaml"),
+                             "--options", "model.reducer.name=turob")
+    assert status != 0
+    assert len(err) == 1 and err[0].startswith("lavis-accel dry-run: `lavis-accel evaluate` failed (exit ")
+    assert "turob" in err[0] and "--keep" in err[0]
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_dataset_without_a_synthetic_writer_is_named_in_one_line():
+    """Through the real command line: A-OKVQA has its own annotation format, for which no writer exists."""
+    result = subprocess.run([sys.executable, "-m", "lavis_accel.cli", "dry-run", "--cfg-path",
+                             os.path.join(LAVIS_BLIP, "train", "aokvqa_ft.yaml")], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("lavis-accel: error: datasets: no synthetic data for aok_vqa (dry-run writes ")
+
+
+def malformed_yaml(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  arch: blip_retrieval\n  model_type: [coco\n")
+    return str(path), f"config file {path} is not valid YAML"
+
+
+def arch_without_a_tiny_version(tmp_path):
+    cfg = OmegaConf.load(os.path.join(LAVIS_BLIP, "eval", "ret_coco_eval.yaml"))
+    cfg.model = {"arch": "albef_retrieval", "model_type": "coco"}
+    path = tmp_path / "albef.yaml"
+    OmegaConf.save(cfg, path)
+    return str(path), "model.arch: no tiny configuration for AlbefRetrieval"
+
+
+def lavis_yaml_with_a_wrong_model_type(tmp_path):
+    """LAVIS 1.0.2 ships this yaml with ``model_type: large``, which blip_caption does not have."""
+    return (os.path.join(LAVIS_BLIP, "coco_cap_ft_iter.yaml"),
+            "model.model_type 'large' is not a type of blip_caption: one of base_coco, large_coco")
+
+
+def a_bad_run_setting(tmp_path):
+    """The cluster yaml's own run settings are checked, though the dry-run replaces the batch sizes."""
+    cfg = OmegaConf.load(os.path.join(LAVIS_BLIP, "eval", "ret_coco_eval.yaml"))
+    cfg.run.batch_size_eval = 0
+    path = tmp_path / "zero_batch.yaml"
+    OmegaConf.save(cfg, path)
+    return str(path), "run.batch_size_eval must be an integer of at least 1, not 0"
+
+
+@pytest.mark.parametrize("bad_input", [malformed_yaml, arch_without_a_tiny_version, lavis_yaml_with_a_wrong_model_type,
+                                       a_bad_run_setting])
+def test_bad_input_is_one_line_before_any_work(bad_input, capsys, tmp_path, monkeypatch):
+    (tmp_path / "temp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "temp"))
+    cfg_path, message = bad_input(tmp_path)
+    status, out, err = dry_run(capsys, "--cfg-path", cfg_path)
+    assert status == 2 and out == ""
+    (line,) = err
+    assert line.startswith(f"lavis-accel: error: {message}")
+    assert os.listdir(tmp_path / "temp") == []  # refused before the work folder is made
+
+
+def test_an_iteration_based_yaml_runs_one_short_inner_epoch(capsys, tmp_path, monkeypatch):
+    """``runner_iter`` (LAVIS's yaml, its model type corrected, without validation to stay short)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    status, out, err = dry_run(capsys, "--cfg-path", os.path.join(LAVIS_BLIP, "coco_cap_ft_iter.yaml"),
+                               "--options", "model.model_type=large_coco", "run.valid_splits=[]")
+    assert status == 0, out + "\n".join(err)
+    rows = report_rows(out)
+    assert rows["training"].startswith("1 epoch, 5 steps, train_loss")
+    assert rows["checkpoint"].startswith("checkpoint_5.pth")  # runner_iter names checkpoints by iteration
+    assert rows["evaluation"] == "none (no valid_splits or test_splits)"

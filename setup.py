@@ -15,7 +15,7 @@ setup(
         "salesforce-lavis==1.0.2",
         # LAVIS 1.0.2's BLIP beam search is only right below 4.27 (see README, "Versions").
         "transformers>=4.25,<4.27",
-        "torch>=2.1",  # scaled_dot_product_attention with scale=
+        "torch>=2.4",  # checkpoints are read with weights_only=True, whose allow-list settled in 2.4
         "numpy<2",  # opencv-python-headless 4.5.5.64, pinned by LAVIS, fails to import with numpy 2
         "tokenizers",
         "omegaconf",

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from lavis_accel import cli
 from lavis_accel.datasets import write_retrieval
 from lavis_accel.testing.projects import tiny_project, write_project
+from test_checkpoints import _Hostile
 
 LAVIS_PROJECTS = os.path.join(registry.get_path("library_root"), "projects", "blip")
 TRAIN_YAML = os.path.join(LAVIS_PROJECTS, "train", "retrieval_coco_ft.yaml")
@@ -247,8 +248,18 @@ def test_a_caption_checkpoint_in_the_retrieval_model_is_refused(data, tmp_path, 
     assert status == 0
 
 
+def test_a_hostile_checkpoint_is_refused_through_the_cli(data, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    hostile = tmp_path / "hostile.pth"
+    torch.save({"model": {}, "payload": _Hostile(str(marker))}, hostile)
+    _fails(capsys, "evaluate", _project(tmp_path, data[1], yaml=EVAL_YAML,
+                                        model={"load_finetuned": True, "finetuned": str(hostile)}),
+           expected=f"model.finetuned: {hostile} is refused: loading it would import")
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("key", ["finetuned", "resume"])
-def test_text_and_truncated_checkpoints(data, tmp_path, capsys, key):
+def test_text_checkpoints(data, tmp_path, capsys, key):
     text = tmp_path / "notes.pth"
     text.write_text("these are my notes\n")
     model, run = ({"load_finetuned": True, "finetuned": str(text)}, {}) if key == "finetuned" else \

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.backends.cudnn as cudnn
+import torch.distributed as dist
 from omegaconf import OmegaConf
 
 import lavis_accel  # noqa: F401  (registers the plugin, applies the guarded CPU fixes)
@@ -106,10 +107,19 @@ def _forget_previous_job_paths():
         registry.mapping["paths"].pop(name, None)
 
 
+def leave_process_group():
+    """End a torchrun job cleanly: wait for every rank, then destroy the process group. A rank that exits while
+    another still writes can otherwise abort in gloo's teardown ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def train(args):
     runner = build_runner(args.cfg_path, args.options)
     runner.train()
     logging.info("lavis-accel: checkpoints and logs in %s", runner.output_dir)
+    leave_process_group()
     return 0
 
 
@@ -117,6 +127,7 @@ def evaluate(args):
     runner = build_runner(args.cfg_path, args.options, mode="evaluate")
     runner.evaluate(skip_reload=True)
     logging.info("lavis-accel: results and logs in %s", runner.output_dir)
+    leave_process_group()
     return 0
 
 

@@ -27,13 +27,14 @@ logger = logging.getLogger(__name__)
 LAST_CHECKPOINT = "checkpoint_last.pth"
 RESUME_SETTING = "run.resume_ckpt_path"
 _RESUME_ENTRIES = ("model", "optimizer", "epoch")
+_ITER_RESUME_ENTRIES = ("model", "optimizer", "iters")  # runner_iter counts iterations
 
 
-def check_resume_contents(obj, setting, path):
-    """A resume file is a dict with the model, the optimizer state and the epoch."""
+def check_resume_contents(obj, setting, path, entries=_RESUME_ENTRIES):
+    """A resume file is a dict with the model, the optimizer state and the epoch (``runner_iter``: iterations)."""
     if not isinstance(obj, dict):
         raise SettingError(f"{setting}: {path} holds a {type(obj).__name__}, not a LAVIS training checkpoint")
-    missing = [key for key in _RESUME_ENTRIES if key not in obj]
+    missing = [key for key in entries if key not in obj]
     if missing:
         raise SettingError(f"{setting}: {path} has no {', '.join(missing)}: it is not a LAVIS training checkpoint "
                            f"(to start from model weights, set model.finetuned or model.pretrained instead)")
@@ -172,3 +173,27 @@ def enable_exact_resume():
         function.__doc__ = stock[function.__name__].__doc__
         setattr(runner_cls, function.__name__, function)
     runner_cls._lavis_accel_exact_resume = True
+    _enable_safe_iter_checkpoints()
+
+
+def _enable_safe_iter_checkpoints():
+    """``RunnerIter`` has its own checkpoint methods: atomic writes and safe, checked reads there too (its resume
+    restores the model, optimizer and iteration, as LAVIS's does; the exact resume above is ``RunnerBase``'s)."""
+    import lavis.runners.runner_iter as runner_iter
+
+    runner_cls = runner_iter.RunnerIter
+    stock_save, stock_load = runner_cls._save_checkpoint, runner_cls._load_checkpoint
+
+    def _save_checkpoint(self, cur_iters, is_best=False):
+        with checkpoints.saving({}, {}):
+            stock_save(self, cur_iters, is_best)
+
+    def _load_checkpoint(self, url_or_filename):
+        def check(obj, setting, path):
+            check_resume_contents(obj, setting, path, _ITER_RESUME_ENTRIES)
+
+        with checkpoints.loading_safely({url_or_filename: RESUME_SETTING}, check):
+            stock_load(self, url_or_filename)
+
+    _save_checkpoint.__doc__, _load_checkpoint.__doc__ = stock_save.__doc__, stock_load.__doc__
+    runner_cls._save_checkpoint, runner_cls._load_checkpoint = _save_checkpoint, _load_checkpoint

@@ -5,10 +5,8 @@ rehearses a cluster job on a laptop. A 1-epoch training with 2 processes x batch
 batch 8 (same data, same global batch); the checkpoint it writes is then evaluated with 1 and with 2 processes.
 """
 import glob
-import json
 import os
 import socket
-import subprocess
 import sys
 
 import pytest
@@ -19,6 +17,7 @@ from omegaconf import OmegaConf
 
 from lavis_accel.datasets import write_retrieval
 from lavis_accel.testing.projects import tiny_project, write_project
+from cli_jobs import job_dir, metrics_lines, run_cli, train_stats
 
 LAVIS_PROJECTS = os.path.join(registry.get_path("library_root"), "projects", "blip")
 EVAL_RUN = {"batch_size_eval": 8, "k_test": 8}  # ITM re-ranks 8 candidates per query
@@ -36,31 +35,13 @@ def free_loopback_port():
         return s.getsockname()[1]
 
 
-def run_cli(nproc, *argv):
+def run_cli_processes(nproc, *argv):
     """``lavis_accel.cli`` in one plain process (``nproc`` None) or in ``nproc`` processes under torchrun."""
-    launcher = [sys.executable]
+    launcher = ()
     if nproc:
-        launcher += ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-                     "--master_addr", "127.0.0.1", "--master_port", str(free_loopback_port())]
-    result = subprocess.run([*launcher, "-m", "lavis_accel.cli", *argv], capture_output=True, text=True,
-                            env={**os.environ, **LOOPBACK})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
-
-
-def job_dir(output_dir):
-    (directory,) = [d for d in glob.glob(os.path.join(output_dir, "*")) if os.path.isdir(d)]
-    return directory
-
-
-def metrics_lines(directory):
-    with open(os.path.join(directory, "evaluate.txt"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def train_stats(directory):
-    with open(os.path.join(directory, "log.txt"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.startswith('{"train')]
+        launcher = (sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+                    "--master_addr", "127.0.0.1", "--master_port", str(free_loopback_port()))
+    return run_cli(*argv, launcher=launcher, env={**os.environ, **LOOPBACK})
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +53,7 @@ def train(datasets, out, nproc, batch_size):
     run = {**TRAIN_RUN, "batch_size_train": batch_size, **(TWO_PROCESSES if nproc else {})}
     cfg = tiny_project(os.path.join(LAVIS_PROJECTS, "train", "retrieval_coco_ft.yaml"), datasets, out / "train",
                        run=run)
-    log = run_cli(nproc, "train", "--cfg-path", write_project(cfg, out / "train.yaml"))
+    log = run_cli_processes(nproc, "train", "--cfg-path", write_project(cfg, out / "train.yaml"))
     return job_dir(out / "train"), log
 
 
@@ -121,7 +102,7 @@ def test_evaluating_a_checkpoint_with_one_or_two_processes_gives_the_same_metric
     cfg = tiny_project(os.path.join(LAVIS_PROJECTS, "eval", "ret_coco_eval.yaml"), datasets, tmp_path / "eval",
                        model={"load_finetuned": True, "finetuned": os.path.join(directory, "checkpoint_best.pth")},
                        run={**EVAL_RUN, **(TWO_PROCESSES if nproc else {})})
-    run_cli(nproc, "evaluate", "--cfg-path", write_project(cfg, tmp_path / "eval.yaml"))
+    run_cli_processes(nproc, "evaluate", "--cfg-path", write_project(cfg, tmp_path / "eval.yaml"))
     (evaluated,) = metrics_lines(job_dir(tmp_path / "eval"))
     trained_test = metrics_lines(directory)[-1]  # the training's own test evaluation, with 2 processes
     assert {k: evaluated[k] for k in RECALLS} == pytest.approx({k: trained_test[k] for k in RECALLS}, abs=1e-6)

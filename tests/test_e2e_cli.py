@@ -16,26 +16,10 @@ from lavis.common.registry import registry
 from lavis_accel import cli
 from lavis_accel.datasets import write_caption, write_retrieval
 from lavis_accel.testing.projects import tiny_project, write_project
+from cli_jobs import job_dir, metrics_lines, run_cli
 
 LAVIS_PROJECTS = os.path.join(registry.get_path("library_root"), "projects", "blip")
 TINY_RUN = {"max_epoch": 1, "batch_size_train": 8, "batch_size_eval": 8, "warmup_steps": 1}
-
-
-def run_cli(*argv):
-    result = subprocess.run([sys.executable, "-m", "lavis_accel.cli", *argv], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
-
-
-def job_dir(output_dir):
-    (directory,) = [d for d in glob.glob(os.path.join(output_dir, "*")) if os.path.isdir(d)]
-    return directory
-
-
-def metrics_lines(directory):
-    """The lines of LAVIS's ``evaluate.txt``: one JSON object per evaluation, in the order they ran."""
-    with open(os.path.join(directory, "evaluate.txt"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def last_retrieval_metrics(directory):

@@ -1,12 +1,10 @@
 """Exact resume through the real CLI: a run killed (SIGKILL) during its third epoch and resumed from its last
 checkpoint ends with the same weights, momentum encoders, queues and optimizer state, to the bit, as the run that
 was never interrupted; the best validation result survives the resume."""
-import glob
 import json
 import os
 import signal
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,12 +12,12 @@ from lavis.common.registry import registry
 
 from lavis_accel.datasets import write_retrieval
 from lavis_accel.testing.projects import tiny_project, write_project
+from cli_jobs import CLI, job_dir, run_cli
 
 TRAIN_YAML = os.path.join(registry.get_path("library_root"), "projects", "blip", "train", "retrieval_coco_ft.yaml")
 # no validation split: LAVIS then writes checkpoint_<epoch>.pth after each epoch, so the final state can be compared
 RUN = {"max_epoch": 3, "batch_size_train": 8, "batch_size_eval": 8, "warmup_steps": 1, "k_test": 4, "log_freq": 1,
        "valid_splits": []}
-CLI = [sys.executable, "-m", "lavis_accel.cli", "train", "--cfg-path"]
 
 
 @pytest.fixture(scope="module")
@@ -33,19 +31,17 @@ def _project(datasets, out, **run):
 
 
 def _job_dir(out):
-    (directory,) = glob.glob(str(out / "jobs" / "*"))
-    return directory
+    return job_dir(out / "jobs")
 
 
 def _train(yaml_path):
-    result = subprocess.run(CLI + [yaml_path], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout + result.stderr
+    return run_cli("train", "--cfg-path", yaml_path)
 
 
 def _train_until_killed(yaml_path, epoch):
     """Start training and SIGKILL it as soon as it logs its first step of ``epoch``."""
-    process = subprocess.Popen(CLI + [yaml_path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(CLI + ["train", "--cfg-path", yaml_path], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:
         if f"Train: data epoch: [{epoch}]" in line:
             process.send_signal(signal.SIGKILL)

@@ -1,9 +1,11 @@
 """``lavis-accel``: train, evaluate, benchmark and demo LAVIS models with the plugin registered."""
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
-from lavis_accel.errors import SettingError
+from lavis_accel.errors import TRACEBACK_VARIABLE, SettingError
 
 # subcommand -> (module, function, help); each module also provides add_arguments(parser)
 SUBCOMMANDS = {
@@ -16,10 +18,13 @@ SUBCOMMANDS = {
 
 
 def run_guarded(job, args):
-    """Run a subcommand; bad input (SettingError) becomes one line on stderr and exit status 2."""
+    """Run a subcommand; bad input (SettingError) becomes one line on stderr and exit status 2 (with
+    ``LAVIS_ACCEL_TRACEBACK=1``, the traceback too)."""
     try:
         return job(args) or 0
     except SettingError as err:
+        if os.environ.get(TRACEBACK_VARIABLE):
+            traceback.print_exc()
         print(f"lavis-accel: error: {err}", file=sys.stderr)
         return 2
 

@@ -71,6 +71,8 @@ def check_project(cfg):
     task = cfg.run.get("task")
     if registry.get_task_class(task) is None:
         raise _unknown("run.task", task, registry.mapping["task_name_mapping"])
+    if not cfg.datasets:
+        raise SettingError("datasets: the config names no dataset")
     for name in cfg.datasets:
         if registry.get_builder_class(name) is None:
             raise _unknown("datasets", name, registry.mapping["builder_name_mapping"])
@@ -104,6 +106,17 @@ def check_reducer_block(model_cfg):
 
 def _as_list(value):
     return [value] if isinstance(value, str) else list(value)
+
+
+def check_processors(datasets_cfg):
+    """Every ``vis_processor``/``text_processor`` a dataset names must be registered (LAVIS fails on ``None``)."""
+    for name, dataset in datasets_cfg.items():
+        for kind in ("vis_processor", "text_processor"):
+            for split, processor in (dataset.get(kind) or {}).items():
+                processor_name = processor.get("name") if isinstance(processor, DictConfig) else None
+                if registry.get_processor_class(processor_name) is None:
+                    raise _unknown(f"datasets.{name}.{kind}.{split}.name", processor_name,
+                                   registry.mapping["processor_name_mapping"])
 
 
 def check_dataset_paths(datasets_cfg):

@@ -16,6 +16,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
+from torch.utils.data import IterableDataset
 from omegaconf import OmegaConf
 
 from lavis.common.dist_utils import get_rank
@@ -83,6 +84,8 @@ def _read_entries(path, where):
                            f"{err.msg})") from None
     except UnicodeDecodeError:
         raise SettingError(f"{where}: {path} is not a text (UTF-8) JSON file") from None
+    except OSError as err:
+        raise SettingError(f"{where}: {path} cannot be read: {err.strerror}") from None
     if not isinstance(entries, list):
         raise SettingError(f"{where}: {path} must hold a JSON list of entries, not a {type(entries).__name__}")
     if not entries:
@@ -295,3 +298,21 @@ def checking_datasets(run_cfg, job_dir, evaluated_splits):
         yield
     finally:
         BaseDatasetBuilder.build_datasets = stock
+
+
+def check_first_samples(datasets):
+    """Read the first sample of every built map-style dataset, through its processors, before the model is built.
+
+    A processor setting LAVIS cannot use (``image_size: 0``, say) otherwise fails at the first step of training, or
+    of the first evaluation after it. ``datasets`` is what ``task.build_datasets`` returns: ``{name: {split: dataset}}``.
+    """
+    for name, splits in datasets.items():
+        for split, dataset in splits.items():
+            if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__") or not len(dataset):
+                continue
+            try:
+                dataset[0]
+            except Exception as err:  # noqa: BLE001  (any failure here is a setting or file the dataset cannot use)
+                message = " ".join(str(err).split())[:200]
+                raise SettingError(f"datasets.{name} ({split}): its first sample fails with {type(err).__name__}: "
+                                   f"{message} (check its vis_processor and text_processor)") from err

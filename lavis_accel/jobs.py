@@ -28,7 +28,8 @@ from lavis.common.dist_utils import get_rank, init_distributed_mode
 from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
 from lavis_accel import config_checks
-from lavis_accel.data_checks import checking_datasets
+from lavis_accel.data_checks import check_first_samples, checking_datasets
+from lavis_accel.errors import TRACEBACK_VARIABLE, SettingError
 from lavis_accel.datasets import set_cache_root
 from lavis_accel.job_dirs import shared_job_id
 from lavis_accel.option_keys import check_option_keys
@@ -56,6 +57,7 @@ def load_config(cfg_path, options=None, mode="train"):
         set_cache_root(merged.env.cache_root)
     cfg = Config(SimpleNamespace(cfg_path=cfg_path, options=options))
     config_checks.check_reducer_block(cfg.model_cfg)
+    config_checks.check_processors(cfg.datasets_cfg)
     config_checks.check_dataset_paths(cfg.datasets_cfg)
     config_checks.check_checkpoint_files(cfg.config)
     if not os.path.isabs(cfg.run_cfg.output_dir):
@@ -70,6 +72,19 @@ def setup_seeds(cfg):
     torch.manual_seed(seed)
     cudnn.benchmark = False
     cudnn.deterministic = True
+
+
+def setup_step(what, build):
+    """``build()``, with a failure of LAVIS's own building code (a setting of a type it cannot use, say
+    ``model.image_size: abc``) reported in one line naming ``what`` was being built, before any work."""
+    try:
+        return build()
+    except SettingError:
+        raise
+    except Exception as err:  # noqa: BLE001  (any error of LAVIS's set-up code is a setting it could not use)
+        message = " ".join(str(err).split())[:300]
+        raise SettingError(f"{what}: building it failed with {type(err).__name__}: {message} (check its settings; "
+                           f"{TRACEBACK_VARIABLE}=1 shows where)") from err
 
 
 def build_runner(cfg_path, options=None, mode="train"):
@@ -89,9 +104,10 @@ def build_runner(cfg_path, options=None, mode="train"):
     if mode == "train":
         evaluated += list(cfg.run_cfg.get("valid_splits") or [])
     with checking_datasets(cfg.run_cfg, os.path.join(cfg.run_cfg.output_dir, job_id), evaluated):
-        datasets = task.build_datasets(cfg)
+        datasets = setup_step("datasets", lambda: task.build_datasets(cfg))
+    check_first_samples(datasets)
     with config_checks.checking_model_checkpoints(cfg.config):
-        model = task.build_model(cfg)
+        model = setup_step(f"model ({cfg.model_cfg.arch})", lambda: task.build_model(cfg))
     if torch.device(cfg.run_cfg.device).type == "cpu":
         model = model.float()  # as LAVIS's load_model does on CPU: BLIP-2 builds its ViT and OPT in fp16
 

@@ -20,6 +20,13 @@ def _is_int(value):
 
 
 def _is_number(value):
+    """A number, or a string LAVIS's ``float()`` reads as one (a quoted ``"2e-5"``)."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return False
+        return True
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -114,6 +121,7 @@ def check_run(cfg, mode):
     _check_int(run, "batch_size_eval", 1)
     _check_int(run, "k_test", 1)
     _check_int(run, "accum_grad_iters", 1)
+    _check_int(run, "warmup_steps", 0)
     for key in ("init_lr", "min_lr", "warmup_lr", "weight_decay", "lr_decay_rate"):
         _check_number(run, key)
     training = mode == "train" and not run.get("evaluate", False)

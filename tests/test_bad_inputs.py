@@ -319,3 +319,42 @@ def test_offline_load_model_and_preprocess_names_the_url(tmp_path, monkeypatch):
                                            r"\.pth \(no network\); offline, fetch it elsewhere and point "
                                            r"model.finetuned at the local file"):
         load_model_and_preprocess("blip_retrieval_turbo", "coco", is_eval=True)
+
+
+# ---- settings LAVIS's own building code cannot use ----
+
+def _set(path, value):
+    """A config change: ``path`` (dotted) set to ``value``."""
+    def change(cfg):
+        OmegaConf.update(cfg, path, value, merge=False)
+    return change
+
+
+@pytest.mark.parametrize("change, expected", [
+    (_set("datasets", {}), "datasets: the config names no dataset"),
+    (_set("model.image_size", "abc"), "model (blip_retrieval): building it failed with TypeError"),
+    (_set("model.queue_size", "big"), "model (blip_retrieval): building it failed with TypeError"),
+    (_set("datasets.coco_retrieval.vis_processor.train.image_size", 0),
+     "datasets.coco_retrieval (train): its first sample fails with ValueError: height and width must be > 0"),
+    (_set("datasets.coco_retrieval.text_processor.train.name", "blip_captoin"),
+     "datasets.coco_retrieval.text_processor.train.name 'blip_captoin' is not registered (did you mean "
+     "blip_caption"),
+    (_set("run.warmup_steps", -1), "run.warmup_steps must be an integer of at least 0, not -1"),
+])
+def test_settings_lavis_cannot_use(data, tmp_path, capsys, change, expected):
+    cfg = OmegaConf.load(_project(tmp_path, data[1]))
+    change(cfg)
+    _fails(capsys, "train", write_project(cfg, tmp_path / "changed.yaml"), expected=expected)
+
+
+def test_an_annotation_path_that_is_a_folder(data, tmp_path, capsys):
+    cfg = OmegaConf.load(_project(tmp_path, data[1]))
+    cfg.datasets.coco_retrieval.build_info.annotations.train.storage = str(tmp_path)
+    _fails(capsys, "train", write_project(cfg, tmp_path / "changed.yaml"),
+           expected=f"annotations.train: {tmp_path} cannot be read: Is a directory")
+
+
+def test_a_quoted_number_is_read_as_lavis_reads_it(data, tmp_path):
+    from lavis_accel.jobs import load_config
+
+    assert load_config(_project(tmp_path, data[1], run={"init_lr": "2e-5"})).run_cfg.init_lr == "2e-5"

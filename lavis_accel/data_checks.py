@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from lavis.common.dist_utils import get_rank
 from lavis.common.utils import get_cache_path
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
+from lavis_accel.checkpoints import rng_state, set_rng_state
 from lavis_accel.errors import SettingError
 
 logger = logging.getLogger(__name__)
@@ -305,7 +306,16 @@ def check_first_samples(datasets):
 
     A processor setting LAVIS cannot use (``image_size: 0``, say) otherwise fails at the first step of training, or
     of the first evaluation after it. ``datasets`` is what ``task.build_datasets`` returns: ``{name: {split: dataset}}``.
+    The RNG states are restored afterwards (random crops draw from them), so the run's randomness is LAVIS's.
     """
+    state = rng_state()
+    try:
+        _read_first_samples(datasets)
+    finally:
+        set_rng_state(state)
+
+
+def _read_first_samples(datasets):
     for name, splits in datasets.items():
         for split, dataset in splits.items():
             if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__getitem__") or not len(dataset):

@@ -358,3 +358,24 @@ def test_a_quoted_number_is_read_as_lavis_reads_it(data, tmp_path):
     from lavis_accel.jobs import load_config
 
     assert load_config(_project(tmp_path, data[1], run={"init_lr": "2e-5"})).run_cfg.init_lr == "2e-5"
+
+
+def test_reading_the_first_samples_leaves_the_random_streams_as_they_were(data, tmp_path):
+    import random
+
+    import numpy as np
+
+    from lavis_accel.data_checks import check_first_samples
+
+    class RandomSample(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            return torch.rand(1), np.random.rand(), random.random()
+
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    check_first_samples({"random": {"train": RandomSample()}})
+    after = (torch.rand(1), np.random.rand(), random.random())
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    assert after == (torch.rand(1), np.random.rand(), random.random())

@@ -17,7 +17,8 @@ from lavis_accel.bench import flops, report, worker
 from lavis_accel.bench.memory import ParameterUse, PeakMemory
 from lavis_accel.bench.runner import BenchOptions, analytic_vision_gflops, run_benchmark
 from lavis_accel.bench.settings import PARENT, REDUCED, BenchSetting, bench_settings, reducer_settings
-from lavis_accel.bench.throughput import Contender, median_and_spread, time_interleaved
+from lavis_accel.bench.machine import machine_info
+from lavis_accel.bench.throughput import Contender, median_and_spread, paired_ratio, time_interleaved
 from lavis_accel.reduce.merge import parse_r, token_schedule
 from lavis_accel.testing.hub import offline_env, write_offline_hub
 
@@ -120,6 +121,61 @@ def test_time_interleaved_rotates_the_order_and_warms_up_each_setting():
     assert all(len(values) == 3 and min(values) > 0 for values in rates.values())
 
 
+def test_time_interleaved_adds_rounds_until_settled_and_repeats_short_steps():
+    steps = []
+    contenders = [Contender(name, lambda: None, lambda name=name: steps.append(name)) for name in "ab"]
+    rates = time_interleaved(contenders, 1, CPU, warmup=0, repeats=2, max_repeats=5,
+                             settled=lambda rates: len(rates["a"]) >= 4)
+    assert [len(values) for values in rates.values()] == [4, 4]  # 2 rounds, then 2 more until settled
+    steps.clear()
+    time_interleaved(contenders, 1, CPU, warmup=0, repeats=1, min_time=0.01)
+    assert steps.count("a") > 1 and steps.count("b") > 1  # each measurement repeated its step for 10 ms
+    with pytest.raises(ValueError, match="max_repeats >= repeats"):
+        time_interleaved(contenders, 1, CPU, repeats=3, max_repeats=2)
+
+
+def test_paired_ratio_cancels_what_slows_a_whole_round():
+    # each round the setting is 2x the baseline; the machine gets 3x slower from round 4 on, hitting the baseline of
+    # round 4 but not yet the setting: the medians of the rates alone then come from different machine states
+    baseline = [10.0, 10.0, 10.0, 3.0, 3.0, 3.0, 3.0]
+    setting = [20.0, 20.0, 20.0, 20.0, 6.0, 6.0, 6.0]
+    ratio = paired_ratio(setting, baseline)
+    assert ratio.median == 2.0 and ratio.rounds == 7
+    assert median_and_spread(setting)[0] / median_and_spread(baseline)[0] == pytest.approx(20 / 3)
+
+
+def test_paired_ratio_interval_and_trust():
+    noisy = paired_ratio([1.5, 2.5, 1.8, 2.2, 2.0, 1.6, 2.4], [1.0] * 7)
+    assert noisy.median == 2.0 and (noisy.low, noisy.high) == (1.5, 2.5) and not noisy.trusted
+    assert noisy.level == pytest.approx(1 - 2 / 2 ** 7)
+    few = paired_ratio([2.0, 2.0, 2.0], [1.0] * 3)
+    assert few.level == 0.75 and not few.trusted  # three rounds cannot give a 95 % interval
+    tight = paired_ratio([1.99, 2.0, 2.01, 2.0, 1.98, 2.02, 2.0, 2.0], [1.0] * 8)
+    assert tight.trusted and tight.low >= 1.98 and tight.high <= 2.02
+
+
+def test_untrusted_speedups_are_warned_about_in_the_table_and_the_json(tmp_path):
+    settings = bench_settings(["tome"], [4], {"name": "turbo", "threshold": 1})
+    options = BenchOptions(parts=("vision",), batch_size=2, warmup=0, repeats=3, device=CPU)
+    records = run_benchmark(VisionOnly(), settings, options, 64, {"arch": "tiny", "model_type": "test"})
+    assert records[2]["vision_speedup_ci_level"] == 0.75 and records[2]["vision_speedup_trusted"] is False
+    report.write_reports(records, str(tmp_path), machine_info(CPU, torch.float32))
+    written = json.loads((tmp_path / "bench.json").read_text())
+    assert any(w.startswith("tome r=4: vision speed-up vs parent") and "not trustworthy: 75% interval" in w
+               for w in written["warnings"])
+    assert {"cpu", "logical_cpus", "torch_threads", "torch", "device", "dtype"} <= set(written["machine"])
+    table = (tmp_path / "bench.md").read_text()
+    assert "⚠ tome r=4: vision speed-up vs parent" in table and "x [" in table
+
+
+def test_bf16_vision_step_keeps_the_token_schedule():
+    settings = bench_settings(["tome"], [4], {"name": "turbo", "threshold": 1})
+    options = BenchOptions(parts=("vision",), batch_size=2, warmup=0, repeats=1, device=CPU, dtype=torch.bfloat16)
+    records = run_benchmark(VisionOnly(), settings, options, 64, {"arch": "tiny", "model_type": "test"})
+    assert records[2]["dtype"] == "bfloat16"
+    assert records[2]["vision_tokens_out"] == records[2]["vision_tokens_expected"] == 65 - 4 * 4
+
+
 def test_median_and_spread():
     assert median_and_spread([1.0, 2.0, 3.0, 4.0, 100.0]) == (3.0, 2.0)
     assert median_and_spread([5.0]) == (5.0, 0.0)
@@ -147,7 +203,7 @@ def test_run_benchmark_writes_json_markdown_and_plot(tmp_path):
     paths = report.write_reports(records, str(tmp_path))
 
     assert [os.path.basename(path) for path in paths] == ["bench.json", "bench.md", "bench.png"]
-    loaded = json.loads((tmp_path / "bench.json").read_text())
+    loaded = json.loads((tmp_path / "bench.json").read_text())["records"]
     assert len(loaded) == 4 and all(REQUIRED_KEYS <= set(record) for record in loaded)
     parent, sdpa, tome, turbo = loaded
     assert parent["vision_flops_ratio"] == 1.0 and tome["vision_flops_ratio"] > 1.0

@@ -11,7 +11,7 @@ import sys
 import tempfile
 
 OPTIONS = ("arch", "model_type", "reducer", "r", "batch_size", "task_batch_size", "candidates", "parts", "warmup",
-           "repeats", "device", "seed", "out")
+           "repeats", "max_repeats", "min_time", "threads", "device", "dtype", "seed", "out")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +29,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="what to measure: the vision encoder alone and/or the task's whole inference step")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per setting before timing")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (each times every setting once)")
+    parser.add_argument("--max-repeats", type=int,
+                        help="more rounds, up to this many, while a speed-up's 95%% interval is wider than +-5%% "
+                             "(default: 3 x --repeats)")
+    parser.add_argument("--min-time", type=float, default=0.0,
+                        help="seconds each timed measurement lasts at least (a short step is repeated)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="the dtype the model is cast to (and its inputs)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and synthetic inputs")
     parser.add_argument("--out", help="output directory (default: output/bench/<arch>_<model_type>)")
 

@@ -8,9 +8,27 @@ from lavis_accel.bench.settings import PARENT, SDPA
 PARTS = (("vision_", "vision encoder (per image)"), ("", "task step (per sample)"))
 
 
-def write_json(records: Sequence[dict], path: str) -> str:
+def untrusted(records: Sequence[dict]) -> List[str]:
+    """One warning per speed-up whose confidence interval is too wide (or whose rounds too few) to trust."""
+    warnings = []
+    for record in records:
+        for prefix, part in (("vision_", "vision"), ("", "task")):
+            for suffix, against in (("speedup", "parent"), ("speedup_vs_sdpa", "SDPA")):
+                key = prefix + suffix
+                if record.get(f"{key}_trusted") is False:
+                    low, high = record[f"{key}_ci"]
+                    warnings.append(f"{record['setting']}: {part} speed-up vs {against} {record[key]:.3g}x is not "
+                                    f"trustworthy: {record[f'{key}_ci_level']:.0%} interval {low:.3g}-{high:.3g} "
+                                    f"over {len(record[prefix + 'throughput_runs'])} rounds (machine busy? more "
+                                    f"--repeats, --max-repeats or --min-time)")
+    return warnings
+
+
+def write_json(records: Sequence[dict], path: str, machine: Optional[dict] = None) -> str:
+    """``{"machine": ..., "warnings": [...], "records": [...]}``."""
+    report = {"machine": machine or {}, "warnings": untrusted(records), "records": list(records)}
     with open(path, "w", encoding="utf-8") as handle:
-        json.dump(list(records), handle, indent=2)
+        json.dump(report, handle, indent=2)
         handle.write("\n")
     return path
 
@@ -21,6 +39,16 @@ def _fmt(value, digits=3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}g}"
     return str(value)
+
+
+def _speedup(record, key) -> str:
+    """``1.84x [1.80-1.88]``: the median paired speed-up, its confidence interval, and a mark when not trusted."""
+    value = record.get(key)
+    if value is None:
+        return "–"
+    low, high = record[f"{key}_ci"]
+    mark = "" if record[f"{key}_trusted"] else " ⚠"
+    return f"{value:.3g}x [{low:.3g}-{high:.3g}]{mark}"
 
 
 def _throughput(record, prefix) -> str:
@@ -34,12 +62,14 @@ def markdown_table(records: Sequence[dict]) -> str:
     """A header naming model, device and task, then one row per setting."""
     first = records[0]
     lines = [
-        f"## {first['arch']} / {first['model_type']} on {first['device']}",
+        f"## {first['arch']} / {first['model_type']} on {first['device']} ({first.get('dtype', 'float32')})",
         "",
         f"Vision step: batch {first['batch_size']}. Task step: {first['task'] or 'not measured'}"
         f" (batch {first['task_batch_size']}). Throughput: median ± half the interquartile range of interleaved"
-        " rounds. Speed-up and FLOPs ratio are against the LAVIS parent; \"vs SDPA\" against the plugin's patch"
-        " merging nothing (r=0), which isolates the reduction's own gain.",
+        " rounds. Speed-up: median of per-round ratios to the LAVIS parent timed in the same round, [its"
+        " confidence interval], ⚠ when too wide to trust; \"vs SDPA\" against the plugin's patch merging nothing"
+        " (r=0), which isolates the reduction's own gain. FLOPs ratio: counted GFLOPs of the baseline over the"
+        " setting's.",
         "",
         "| setting | vision GFLOPs (analytic) | tokens out | vision im/s | vision speed-up | vision FLOPs ratio "
         "| vision speed-up vs SDPA | task GFLOPs | task samples/s | speed-up | FLOPs ratio | speed-up vs SDPA "
@@ -50,12 +80,14 @@ def markdown_table(records: Sequence[dict]) -> str:
         vision = f"{_fmt(record['vision_gflops'], 4)} ({_fmt(record['vision_gflops_analytic'], 4)})"
         cells = [
             record["setting"], vision, _fmt(record.get("vision_tokens_out")), _throughput(record, "vision_"),
-            _fmt(record["vision_speedup"]), _fmt(record["vision_flops_ratio"]), _fmt(record["vision_speedup_vs_sdpa"]),
-            _fmt(record["task_gflops"], 4), _throughput(record, ""), _fmt(record["speedup"]),
-            _fmt(record["flops_ratio"]), _fmt(record["speedup_vs_sdpa"]), _fmt(record["flops_ratio_vs_sdpa"]),
+            _speedup(record, "vision_speedup"), _fmt(record["vision_flops_ratio"]),
+            _speedup(record, "vision_speedup_vs_sdpa"), _fmt(record["task_gflops"], 4), _throughput(record, ""),
+            _speedup(record, "speedup"), _fmt(record["flops_ratio"]), _speedup(record, "speedup_vs_sdpa"),
+            _fmt(record["flops_ratio_vs_sdpa"]),
             f"{record['params'] / 1e6:.1f}", f"{record['peak_mem_mb']:.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += [""] + [f"⚠ {warning}" for warning in untrusted(records)]
     return "\n".join(lines) + "\n"
 
 
@@ -112,11 +144,11 @@ def write_plot(records: Sequence[dict], path: str) -> Optional[str]:
     return path
 
 
-def write_reports(records: Sequence[dict], out_dir: str) -> List[str]:
+def write_reports(records: Sequence[dict], out_dir: str, machine: Optional[dict] = None) -> List[str]:
     """``bench.json``, ``bench.md`` and ``bench.png`` (when a part was timed) in ``out_dir``; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [
-        write_json(records, os.path.join(out_dir, "bench.json")),
+        write_json(records, os.path.join(out_dir, "bench.json"), machine),
         write_markdown(records, os.path.join(out_dir, "bench.md")),
         write_plot(records, os.path.join(out_dir, "bench.png")),
     ]

@@ -17,7 +17,7 @@ from lavis_accel.bench.flops import ensure_cpu_attention_formula, lavis_vit_flop
 from lavis_accel.bench.memory import ParameterUse, PeakMemory
 from lavis_accel.bench.settings import PARENT, SDPA, BenchSetting
 from lavis_accel.bench.tasks import Step, StepInputs, task_step, vision_step
-from lavis_accel.bench.throughput import Contender, median_and_spread, time_interleaved
+from lavis_accel.bench.throughput import Contender, median_and_spread, paired_ratio, time_interleaved
 from lavis_accel.reduce.merge import parse_r, token_schedule
 
 VISION, TASK = "vision", "task"
@@ -31,7 +31,10 @@ class BenchOptions:
     candidates: int = 1  # retrieval k / VQA answer candidates (see tasks.default_candidates)
     warmup: int = 1
     repeats: int = 5
+    max_repeats: Optional[int] = None  # more rounds, up to this many, until every speed-up is trusted
+    min_time: float = 0.0  # seconds each measurement lasts at least (the step is repeated)
     device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
     seed: int = 0
 
 
@@ -96,14 +99,29 @@ def _profile_all(model, settings, step, device, progress) -> List[Profile]:
     return profiles
 
 
+def _baselines(settings) -> List[BenchSetting]:
+    """The settings speed-ups are taken against: the LAVIS parent and the SDPA-only patch."""
+    return [setting for setting in settings if setting.role in (PARENT, SDPA)]
+
+
+def _all_trusted(settings):
+    """Whether every setting's speed-up over each baseline has a narrow enough confidence interval."""
+    def settled(rates) -> bool:
+        return all(paired_ratio(rates[setting.label], rates[base.label]).trusted
+                   for base in _baselines(settings) for setting in settings if setting is not base)
+    return settled
+
+
 def _time_all(model, settings, step, options, progress) -> Dict[str, List[float]]:
     contenders = [
         Contender(setting.label, lambda setting=setting: setting.activate(model), step.run) for setting in settings
     ]
-    progress(f"timing {step.description}: {len(settings)} settings x {options.repeats} rounds, interleaved")
+    progress(f"timing {step.description}: {len(settings)} settings x {options.repeats} rounds "
+             f"(up to {options.max_repeats or options.repeats} until speed-ups settle), interleaved")
     with torch.no_grad():
         return time_interleaved(
-            contenders, step.samples, options.device, options.warmup, options.repeats, progress=progress
+            contenders, step.samples, options.device, options.warmup, options.repeats, progress=progress,
+            min_time=options.min_time, max_repeats=options.max_repeats, settled=_all_trusted(settings),
         )
 
 
@@ -113,28 +131,35 @@ def _ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional
     return numerator / denominator
 
 
+def _speedup_fields(name, rates, setting, baseline) -> dict:
+    ratio = paired_ratio(rates[setting.label], rates[baseline.label])
+    return {name: ratio.median, f"{name}_ci": [ratio.low, ratio.high], f"{name}_ci_level": ratio.level,
+            f"{name}_trusted": ratio.trusted}
+
+
 def _part_fields(prefix, profiles, rates, settings, index) -> dict:
-    """Per-part record fields: GFLOPs, throughput, and the ratios against the parent and the SDPA baseline."""
+    """Per-part record fields: GFLOPs, throughput, and the speed-ups (median of per-round ratios, with their
+    confidence interval) and FLOPs ratios against the parent and the SDPA baseline."""
     roles = [setting.role for setting in settings]
     parent, sdpa = roles.index(PARENT), roles.index(SDPA)
     gflops = [profile.gflops_per_sample for profile in profiles]
-    medians = [median_and_spread(rates[setting.label])[0] for setting in settings]
     median, spread = median_and_spread(rates[settings[index].label])
     return {
         f"{prefix}gflops": gflops[index],
         f"{prefix}throughput_median": median,
         f"{prefix}throughput_spread": spread,
         f"{prefix}throughput_runs": rates[settings[index].label],
-        f"{prefix}speedup": _ratio(medians[index], medians[parent]),
+        **_speedup_fields(f"{prefix}speedup", rates, settings[index], settings[parent]),
         f"{prefix}flops_ratio": _ratio(gflops[parent], gflops[index]),
-        f"{prefix}speedup_vs_sdpa": _ratio(medians[index], medians[sdpa]),
+        **_speedup_fields(f"{prefix}speedup_vs_sdpa", rates, settings[index], settings[sdpa]),
         f"{prefix}flops_ratio_vs_sdpa": _ratio(gflops[sdpa], gflops[index]),
     }
 
 
 def _empty_part_fields(prefix) -> dict:
-    keys = ("gflops", "throughput_median", "throughput_spread", "throughput_runs", "speedup", "flops_ratio",
-            "speedup_vs_sdpa", "flops_ratio_vs_sdpa")
+    keys = ("gflops", "throughput_median", "throughput_spread", "throughput_runs", "speedup", "speedup_ci",
+            "speedup_ci_level", "speedup_trusted", "flops_ratio", "speedup_vs_sdpa", "speedup_vs_sdpa_ci",
+            "speedup_vs_sdpa_ci_level", "speedup_vs_sdpa_trusted", "flops_ratio_vs_sdpa")
     return {prefix + key: None for key in keys}
 
 
@@ -151,13 +176,15 @@ def run_benchmark(
     Task fields have no prefix (``task_gflops`` aside), vision fields start with ``vision_``; a part not in
     ``options.parts`` has ``None`` values. Vision GFLOPs are per image, task GFLOPs per task sample.
     """
-    model = model.to(options.device).eval()
+    model = model.to(options.device, options.dtype).eval()
     vit = model.visual_encoder
     steps = {}
     if VISION in options.parts:
-        steps[VISION] = vision_step(model, StepInputs(options.batch_size, image_size, options.device, seed=options.seed))
+        inputs = StepInputs(options.batch_size, image_size, options.device, seed=options.seed, dtype=options.dtype)
+        steps[VISION] = vision_step(model, inputs)
     if TASK in options.parts:
-        inputs = StepInputs(options.task_batch_size, image_size, options.device, options.candidates, options.seed)
+        inputs = StepInputs(options.task_batch_size, image_size, options.device, options.candidates, options.seed,
+                            options.dtype)
         steps[TASK] = task_step(model, inputs)
     profiles = {part: _profile_all(model, settings, step, options.device, progress) for part, step in steps.items()}
     rates = {part: _time_all(model, settings, step, options, progress) for part, step in steps.items()}
@@ -174,6 +201,7 @@ def run_benchmark(
             "r": setting.reducer.r if setting.reducer else 0,
             "reducer_settings": setting.reducer.as_dict() if setting.reducer else None,
             "device": str(options.device),
+            "dtype": str(options.dtype).replace("torch.", ""),
             "batch_size": options.batch_size,
             "task_batch_size": options.task_batch_size,
             "task": steps[TASK].description if TASK in steps else None,

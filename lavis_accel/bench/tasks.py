@@ -43,10 +43,13 @@ class StepInputs:
     device: torch.device
     candidates: int = 1  # retrieval: ITM re-ranked texts per image; VQA: answer candidates
     seed: int = 0
+    dtype: torch.dtype = torch.float32  # of the images: the model's own dtype
 
 
-def random_images(count, image_size, device, generator) -> torch.Tensor:
-    return torch.randn(count, 3, image_size, image_size, generator=generator).to(device)
+def random_images(inputs: StepInputs, generator) -> torch.Tensor:
+    """``inputs.batch_size`` random images on the inputs' device, in their dtype."""
+    shape = (inputs.batch_size, 3, inputs.image_size, inputs.image_size)
+    return torch.randn(*shape, generator=generator).to(inputs.device, inputs.dtype)
 
 
 def vocabulary_sentences(tokenizer, count, words, seed) -> List[str]:
@@ -61,7 +64,7 @@ def vocabulary_sentences(tokenizer, count, words, seed) -> List[str]:
 def vision_step(model, inputs: StepInputs) -> Step:
     """The vision encoder alone, as every BLIP task calls it: ``visual_encoder.forward_features``."""
     generator = torch.Generator().manual_seed(inputs.seed)
-    images = random_images(inputs.batch_size, inputs.image_size, inputs.device, generator)
+    images = random_images(inputs, generator)
     return Step("vision encoder", lambda: model.visual_encoder.forward_features(images), inputs.batch_size)
 
 
@@ -69,7 +72,7 @@ def retrieval_step(model: BlipRetrieval, inputs: StepInputs) -> Step:
     """Image-to-text retrieval per query image, as ``compute_sim_matrix`` does it: ITC over the text gallery, then
     ITM re-ranking of the top ``candidates`` texts. The gallery's text features are precomputed, as there."""
     generator = torch.Generator().manual_seed(inputs.seed)
-    images = random_images(inputs.batch_size, inputs.image_size, inputs.device, generator)
+    images = random_images(inputs, generator)
     captions = vocabulary_sentences(model.tokenizer, inputs.candidates, RETRIEVAL_TEXT_LENGTH, inputs.seed)
     texts = model.tokenizer(
         captions, padding="max_length", truncation=True, max_length=RETRIEVAL_TEXT_LENGTH, return_tensors="pt"
@@ -104,7 +107,7 @@ def retrieval_step(model: BlipRetrieval, inputs: StepInputs) -> Step:
 def caption_step(model: BlipCaption, inputs: StepInputs) -> Step:
     """``model.generate`` with the beam settings of LAVIS's caption evaluation."""
     generator = torch.Generator().manual_seed(inputs.seed)
-    samples = {"image": random_images(inputs.batch_size, inputs.image_size, inputs.device, generator)}
+    samples = {"image": random_images(inputs, generator)}
 
     def run():
         return model.generate(
@@ -118,7 +121,7 @@ def caption_step(model: BlipCaption, inputs: StepInputs) -> Step:
 def vqa_step(model: BlipVQA, inputs: StepInputs) -> Step:
     """``predict_answers`` with ``inference_method="rank"`` over an answer list the size of VQAv2's."""
     generator = torch.Generator().manual_seed(inputs.seed)
-    images = random_images(inputs.batch_size, inputs.image_size, inputs.device, generator)
+    images = random_images(inputs, generator)
     questions = vocabulary_sentences(model.tokenizer, inputs.batch_size, QUESTION_WORDS, inputs.seed)
     rng = random.Random(inputs.seed)
     words = vocabulary_sentences(model.tokenizer, VQA_ANSWER_LIST_SIZE, 1, inputs.seed + 1)
@@ -137,8 +140,8 @@ def nlvr_step(model: BlipNLVR, inputs: StepInputs) -> Step:
     """``model.predict`` (the evaluation forward) on image pairs and a statement each."""
     generator = torch.Generator().manual_seed(inputs.seed)
     samples = {
-        "image0": random_images(inputs.batch_size, inputs.image_size, inputs.device, generator),
-        "image1": random_images(inputs.batch_size, inputs.image_size, inputs.device, generator),
+        "image0": random_images(inputs, generator),
+        "image1": random_images(inputs, generator),
         "text_input": vocabulary_sentences(model.tokenizer, inputs.batch_size, STATEMENT_WORDS, inputs.seed),
         "label": torch.zeros(inputs.batch_size, dtype=torch.long, device=inputs.device),
     }

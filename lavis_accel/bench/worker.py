@@ -12,6 +12,7 @@ import torch
 import lavis_accel  # noqa: F401  (registers the plugin's archs and reducers)
 from lavis_accel.bench.build import arch_spec, build_parent
 from lavis_accel.bench.cli import add_arguments
+from lavis_accel.bench.machine import DTYPES, machine_info
 from lavis_accel.bench.report import markdown_table, write_reports
 from lavis_accel.bench.runner import BenchOptions, run_benchmark, stderr_progress
 from lavis_accel.bench.settings import bench_settings
@@ -34,7 +35,7 @@ def device_from(name) -> torch.device:
 
 def check_counts(args) -> None:
     for option, minimum in (("batch_size", 1), ("task_batch_size", 1), ("candidates", 1), ("repeats", 1),
-                            ("warmup", 0)):
+                            ("warmup", 0), ("max_repeats", args.repeats), ("min_time", 0), ("threads", 1)):
         value = getattr(args, option)
         if value is not None and value < minimum:
             raise SettingError(f"--{option.replace('_', '-')} must be >= {minimum}, got {value}")
@@ -43,6 +44,8 @@ def check_counts(args) -> None:
 def bench(args) -> int:
     check_counts(args)
     device = device_from(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     spec = arch_spec(args.arch, args.model_type)
     block = spec.reducer_config
     reducers = args.reducer or ([block["name"]] if block else [])
@@ -62,13 +65,16 @@ def bench(args) -> int:
         candidates=args.candidates or default_candidates(model),
         warmup=args.warmup,
         repeats=args.repeats,
+        max_repeats=args.max_repeats or 3 * args.repeats,
+        min_time=args.min_time,
         device=device,
+        dtype=DTYPES[args.dtype],
         seed=args.seed,
     )
     progress("settings: " + ", ".join(setting.label for setting in settings))
     identity = {"arch": args.arch, "model_type": args.model_type}
     records = run_benchmark(model, settings, options, spec.image_size, identity, progress)
-    paths = write_reports(records, out_dir)
+    paths = write_reports(records, out_dir, machine_info(device, DTYPES[args.dtype]))
     print(markdown_table(records))
     progress("wrote " + ", ".join(paths))
     return 0

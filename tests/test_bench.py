@@ -262,3 +262,44 @@ def test_every_task_step_runs_and_counts_on_tiny_models(tmp_path):
     nlvr, retrieval = results["blip_nlvr"][0], results["blip_retrieval"][0]
     assert retrieval["params"] < retrieval["params_total"]  # momentum encoders are not used at inference
     assert nlvr["task"].startswith("nlvr2")
+
+
+def test_other_load_sees_a_busy_neighbour():
+    import time
+
+    from lavis_accel.bench.machine import OtherLoad
+
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc/stat on this system")
+    spin = "import time\nend = time.time() + 3\nwhile time.time() < end: pass"
+    neighbour = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.3)  # let it start spinning
+        with OtherLoad() as load:
+            time.sleep(1.0)  # this process does nothing meanwhile
+    finally:
+        neighbour.kill()
+        neighbour.wait()
+    assert load.share > 0.3 / os.cpu_count()  # one spinning process takes a whole CPU of the machine's
+
+
+def test_a_busy_machine_is_reported_once_per_part_and_distrusts_its_speedups(monkeypatch):
+    from lavis_accel.bench import runner
+
+    class BusyMachine:
+        share = 0.45
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(runner, "OtherLoad", BusyMachine)
+    settings = bench_settings(["tome"], [4], {"name": "turbo", "threshold": 1})
+    options = BenchOptions(parts=("vision",), batch_size=2, warmup=0, repeats=1, device=CPU)
+    records = run_benchmark(VisionOnly(), settings, options, 64, {"arch": "tiny", "model_type": "test"})
+    assert all(record["vision_speedup_trusted"] is False for record in records)
+    assert report.untrusted(records) == [
+        "the machine was busy: other processes used 45% of its CPUs while the vision step was timed, so its "
+        "speed-ups are not trustworthy (a busy neighbour slows settings unequally)"]

@@ -41,3 +41,46 @@ def machine_info(device: torch.device, dtype: torch.dtype) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+# Timing is not trusted when other processes used more than this share of all CPUs meanwhile.
+BUSY_SHARE = 0.10
+
+
+def _cpu_ticks():
+    """``(busy, total)`` clock ticks of all CPUs since boot, from the first line of ``/proc/stat``; None elsewhere."""
+    try:
+        with open("/proc/stat", encoding="utf-8") as f:
+            fields = [int(value) for value in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _own_ticks():
+    times = os.times()
+    return (times.user + times.system) * os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """Context that measures the share of the machine's CPU time other processes used while it was open.
+
+    A busy neighbour slows the settings of a round unequally (a step with more threads waits more), a bias that
+    paired ratios do not cancel and that a narrow interval does not reveal: it is measured directly instead.
+    ``share`` is None where ``/proc/stat`` is unavailable.
+    """
+
+    share = None
+
+    def __enter__(self):
+        self._start = (_cpu_ticks(), _own_ticks())
+        return self
+
+    def __exit__(self, *exc):
+        machine, own = _cpu_ticks(), _own_ticks()
+        if machine is not None and self._start[0] is not None:
+            busy, total = (end - start for end, start in zip(machine, self._start[0]))
+            others = busy - (own - self._start[1])
+            self.share = max(0.0, others / total) if total > 0 else None
+        return False

@@ -3,19 +3,34 @@ import json
 import os
 from typing import List, Optional, Sequence
 
+from lavis_accel.bench.machine import BUSY_SHARE
 from lavis_accel.bench.settings import PARENT, SDPA
 
 PARTS = (("vision_", "vision encoder (per image)"), ("", "task step (per sample)"))
 
 
+def _busy_warning(record, prefix, part):
+    share = record.get(f"{prefix}other_cpu_share")
+    if share is None or share <= BUSY_SHARE:
+        return None
+    return (f"the machine was busy: other processes used {share:.0%} of its CPUs while the {part} step was timed, "
+            f"so its speed-ups are not trustworthy (a busy neighbour slows settings unequally)")
+
+
 def untrusted(records: Sequence[dict]) -> List[str]:
-    """One warning per speed-up whose confidence interval is too wide (or whose rounds too few) to trust."""
-    warnings = []
+    """The warnings of a run: a busy machine (once per part), then each speed-up whose confidence interval is too
+    wide (or whose rounds too few) to trust."""
+    warnings, busy = [], set()
+    for prefix, part in (("vision_", "vision"), ("", "task")):
+        warning = _busy_warning(records[0], prefix, part) if records else None
+        if warning:
+            warnings.append(warning)
+            busy.add(prefix)
     for record in records:
         for prefix, part in (("vision_", "vision"), ("", "task")):
             for suffix, against in (("speedup", "parent"), ("speedup_vs_sdpa", "SDPA")):
                 key = prefix + suffix
-                if record.get(f"{key}_trusted") is False:
+                if record.get(f"{key}_trusted") is False and prefix not in busy:
                     low, high = record[f"{key}_ci"]
                     warnings.append(f"{record['setting']}: {part} speed-up vs {against} {record[key]:.3g}x is not "
                                     f"trustworthy: {record[f'{key}_ci_level']:.0%} interval {low:.3g}-{high:.3g} "

@@ -14,6 +14,7 @@ from lavis.models.vit import VisionTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
 from lavis_accel.bench.flops import ensure_cpu_attention_formula, lavis_vit_flops
+from lavis_accel.bench.machine import BUSY_SHARE, OtherLoad
 from lavis_accel.bench.memory import ParameterUse, PeakMemory
 from lavis_accel.bench.settings import PARENT, SDPA, BenchSetting
 from lavis_accel.bench.tasks import Step, StepInputs, task_step, vision_step
@@ -131,33 +132,36 @@ def _ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional
     return numerator / denominator
 
 
-def _speedup_fields(name, rates, setting, baseline) -> dict:
+def _speedup_fields(name, rates, setting, baseline, machine_busy) -> dict:
     ratio = paired_ratio(rates[setting.label], rates[baseline.label])
     return {name: ratio.median, f"{name}_ci": [ratio.low, ratio.high], f"{name}_ci_level": ratio.level,
-            f"{name}_trusted": ratio.trusted}
+            f"{name}_trusted": ratio.trusted and not machine_busy}
 
 
-def _part_fields(prefix, profiles, rates, settings, index) -> dict:
+def _part_fields(prefix, profiles, rates, settings, index, other_share) -> dict:
     """Per-part record fields: GFLOPs, throughput, and the speed-ups (median of per-round ratios, with their
-    confidence interval) and FLOPs ratios against the parent and the SDPA baseline."""
+    confidence interval; not trusted while other processes kept the machine busy) and FLOPs ratios against the
+    parent and the SDPA baseline."""
     roles = [setting.role for setting in settings]
     parent, sdpa = roles.index(PARENT), roles.index(SDPA)
     gflops = [profile.gflops_per_sample for profile in profiles]
     median, spread = median_and_spread(rates[settings[index].label])
+    busy = other_share is not None and other_share > BUSY_SHARE
     return {
+        f"{prefix}other_cpu_share": other_share,
         f"{prefix}gflops": gflops[index],
         f"{prefix}throughput_median": median,
         f"{prefix}throughput_spread": spread,
         f"{prefix}throughput_runs": rates[settings[index].label],
-        **_speedup_fields(f"{prefix}speedup", rates, settings[index], settings[parent]),
+        **_speedup_fields(f"{prefix}speedup", rates, settings[index], settings[parent], busy),
         f"{prefix}flops_ratio": _ratio(gflops[parent], gflops[index]),
-        **_speedup_fields(f"{prefix}speedup_vs_sdpa", rates, settings[index], settings[sdpa]),
+        **_speedup_fields(f"{prefix}speedup_vs_sdpa", rates, settings[index], settings[sdpa], busy),
         f"{prefix}flops_ratio_vs_sdpa": _ratio(gflops[sdpa], gflops[index]),
     }
 
 
 def _empty_part_fields(prefix) -> dict:
-    keys = ("gflops", "throughput_median", "throughput_spread", "throughput_runs", "speedup", "speedup_ci",
+    keys = ("other_cpu_share", "gflops", "throughput_median", "throughput_spread", "throughput_runs", "speedup", "speedup_ci",
             "speedup_ci_level", "speedup_trusted", "flops_ratio", "speedup_vs_sdpa", "speedup_vs_sdpa_ci",
             "speedup_vs_sdpa_ci_level", "speedup_vs_sdpa_trusted", "flops_ratio_vs_sdpa")
     return {prefix + key: None for key in keys}
@@ -187,7 +191,11 @@ def run_benchmark(
                             options.dtype)
         steps[TASK] = task_step(model, inputs)
     profiles = {part: _profile_all(model, settings, step, options.device, progress) for part, step in steps.items()}
-    rates = {part: _time_all(model, settings, step, options, progress) for part, step in steps.items()}
+    rates, other_shares = {}, {}
+    for part, step in steps.items():
+        with OtherLoad() as load:
+            rates[part] = _time_all(model, settings, step, options, progress)
+        other_shares[part] = load.share
     settings[0].activate(model)
 
     records = []
@@ -211,7 +219,8 @@ def run_benchmark(
         })
         if VISION in steps:
             vision_profile = profiles[VISION][index]
-            record.update(_part_fields("vision_", profiles[VISION], rates[VISION], settings, index))
+            record.update(_part_fields("vision_", profiles[VISION], rates[VISION], settings, index,
+                                       other_shares[VISION]))
             record["vision_tokens_out"] = vision_profile.output.shape[1]
             if isinstance(vit, VisionTransformer):  # the analytic FLOP model is that of LAVIS's BLIP ViT
                 record["vision_gflops_analytic"] = analytic_vision_gflops(vit, setting)
@@ -220,7 +229,7 @@ def run_benchmark(
             record.update(_empty_part_fields("vision_"))
         record.setdefault("vision_gflops_analytic", None)
         if TASK in steps:
-            task_fields = _part_fields("", profiles[TASK], rates[TASK], settings, index)
+            task_fields = _part_fields("", profiles[TASK], rates[TASK], settings, index, other_shares[TASK])
             task_fields["task_gflops"] = task_fields.pop("gflops")
             record.update(task_fields)
         else:

@@ -161,8 +161,9 @@ def test_untrusted_speedups_are_warned_about_in_the_table_and_the_json(tmp_path)
     assert records[2]["vision_speedup_ci_level"] == 0.75 and records[2]["vision_speedup_trusted"] is False
     report.write_reports(records, str(tmp_path), machine_info(CPU, torch.float32))
     written = json.loads((tmp_path / "bench.json").read_text())
-    assert any(w.startswith("tome r=4: vision speed-up vs parent") and "not trustworthy: 75% interval" in w
-               for w in written["warnings"])
+    assert any(w.startswith("tome r=4: vision speed-up vs parent") and "not trustworthy: 3 rounds are too few for "
+               "a 95% interval" in w for w in written["warnings"])
+    assert not any(w.startswith("parent (LAVIS): vision speed-up vs parent") for w in written["warnings"])
     assert {"cpu", "logical_cpus", "torch_threads", "torch", "device", "dtype"} <= set(written["machine"])
     table = (tmp_path / "bench.md").read_text()
     assert "⚠ tome r=4: vision speed-up vs parent" in table and "x [" in table
@@ -303,3 +304,47 @@ def test_a_busy_machine_is_reported_once_per_part_and_distrusts_its_speedups(mon
     assert report.untrusted(records) == [
         "the machine was busy: other processes used 45% of its CPUs while the vision step was timed, so its "
         "speed-ups are not trustworthy (a busy neighbour slows settings unequally)"]
+
+
+def test_sweep_covers_the_grid_and_plots_speedup_against_flops_ratio(tmp_path):
+    from omegaconf import OmegaConf
+
+    from lavis_accel.bench.build import arch_spec
+    from lavis_accel.bench.machine import machine_info
+    from lavis_accel.bench.sweep import run_sweep, write_sweep_reports
+    from lavis_accel.testing.tiny_models import tiny_model_config
+
+    spec = arch_spec("blip_retrieval_turbo", "coco")
+    spec.config = OmegaConf.merge(spec.config, tiny_model_config("blip_retrieval", "coco"))
+    settings = bench_settings(["tome"], [2], spec.reducer_config)
+    options = BenchOptions(warmup=0, repeats=1, device=CPU)
+    records = run_sweep(spec, settings, options, [64, 96], [1, 2], {"arch": "tiny", "model_type": "coco"},
+                        progress=lambda message: None)
+    assert [(r["image_size"], r["batch_size"], r["setting"]) for r in records][:3] == [
+        (64, 1, "parent (LAVIS)"), (64, 1, "tome r=0 (SDPA only)"), (64, 1, "tome r=2")]
+    assert len(records) == 2 * 2 * 3
+    tokens = {r["image_size"]: r["vision_tokens_out"] for r in records if r["role"] == "parent"}
+    assert tokens == {64: 17, 96: 37}  # the model was built again at each size
+    paths = write_sweep_reports(records, str(tmp_path), machine_info(CPU, torch.float32))
+    assert [os.path.basename(path) for path in paths] == ["bench.json", "bench.md", "sweep.png"]
+    assert (tmp_path / "bench.md").read_text().count("### ") == 4
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_options_are_checked_in_one_line(capsys):
+    assert worker.main(["--arch", "blip_retrieval_turbo", "--model-type", "coco", "--sweep",
+                        "--batch-sizes", "0"]) == 2
+    assert "--batch-sizes must all be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_worker_argv_passes_switches_only_when_on():
+    import argparse
+
+    from lavis_accel.bench.cli import add_arguments, worker_argv
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    on = worker_argv(parser.parse_args(["--arch", "a", "--model-type", "b", "--sweep", "--image-sizes", "224"]))
+    off = worker_argv(parser.parse_args(["--arch", "a", "--model-type", "b"]))
+    assert "--sweep" in on and on[on.index("--image-sizes") + 1] == "224"
+    assert "--sweep" not in off

@@ -11,7 +11,8 @@ import sys
 import tempfile
 
 OPTIONS = ("arch", "model_type", "reducer", "r", "batch_size", "task_batch_size", "candidates", "parts", "warmup",
-           "repeats", "max_repeats", "min_time", "threads", "device", "dtype", "seed", "out")
+           "repeats", "max_repeats", "min_time", "threads", "device", "dtype", "seed", "out", "sweep", "image_sizes",
+           "batch_sizes")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the dtype the model is cast to (and its inputs)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and synthetic inputs")
     parser.add_argument("--out", help="output directory (default: output/bench/<arch>_<model_type>)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time the vision encoder over --image-sizes x --batch-sizes x the settings, and plot "
+                             "speed-up against FLOPs ratio (sweep.png)")
+    parser.add_argument("--image-sizes", nargs="+", type=int, default=[224, 384, 480], metavar="PX",
+                        help="--sweep: image sizes (the model is built again at each)")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8], metavar="N",
+                        help="--sweep: batch sizes")
 
 
 def worker_argv(args) -> list:
@@ -47,7 +55,10 @@ def worker_argv(args) -> list:
     argv = []
     for name in OPTIONS:
         value = getattr(args, name, None)
-        if value is None:
+        if value is None or value is False:
+            continue
+        if value is True:
+            argv.append("--" + name.replace("_", "-"))
             continue
         values = value if isinstance(value, (list, tuple)) else [value]
         argv += ["--" + name.replace("_", "-")] + [str(item) for item in values]

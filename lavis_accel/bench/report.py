@@ -5,6 +5,7 @@ from typing import List, Optional, Sequence
 
 from lavis_accel.bench.machine import BUSY_SHARE
 from lavis_accel.bench.settings import PARENT, SDPA
+from lavis_accel.bench.throughput import CONFIDENCE, TRUSTED_HALF_WIDTH
 
 PARTS = (("vision_", "vision encoder (per image)"), ("", "task step (per sample)"))
 
@@ -31,11 +32,14 @@ def untrusted(records: Sequence[dict]) -> List[str]:
             for suffix, against in (("speedup", "parent"), ("speedup_vs_sdpa", "SDPA")):
                 key = prefix + suffix
                 if record.get(f"{key}_trusted") is False and prefix not in busy:
-                    low, high = record[f"{key}_ci"]
+                    low, high, rounds = *record[f"{key}_ci"], len(record[prefix + "throughput_runs"])
+                    level = record[f"{key}_ci_level"]
+                    why = (f"{rounds} rounds are too few for a {CONFIDENCE:.0%} interval (--repeats 6 or more)"
+                           if level < CONFIDENCE else f"its {level:.0%} interval {low:.3g}-{high:.3g} over {rounds} "
+                           f"rounds is wider than +-{TRUSTED_HALF_WIDTH:.0%} (a noisy machine? more --max-repeats "
+                           f"or --min-time)")
                     warnings.append(f"{record['setting']}: {part} speed-up vs {against} {record[key]:.3g}x is not "
-                                    f"trustworthy: {record[f'{key}_ci_level']:.0%} interval {low:.3g}-{high:.3g} "
-                                    f"over {len(record[prefix + 'throughput_runs'])} rounds (machine busy? more "
-                                    f"--repeats, --max-repeats or --min-time)")
+                                    f"trustworthy: {why}")
     return warnings
 
 

@@ -133,6 +133,8 @@ def _ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional
 
 
 def _speedup_fields(name, rates, setting, baseline, machine_busy) -> dict:
+    if setting is baseline:  # exactly 1: nothing to estimate
+        return {name: 1.0, f"{name}_ci": [1.0, 1.0], f"{name}_ci_level": 1.0, f"{name}_trusted": not machine_busy}
     ratio = paired_ratio(rates[setting.label], rates[baseline.label])
     return {name: ratio.median, f"{name}_ci": [ratio.low, ratio.high], f"{name}_ci_level": ratio.level,
             f"{name}_trusted": ratio.trusted and not machine_busy}

@@ -16,6 +16,7 @@ from lavis_accel.bench.machine import DTYPES, machine_info
 from lavis_accel.bench.report import markdown_table, write_reports
 from lavis_accel.bench.runner import BenchOptions, run_benchmark, stderr_progress
 from lavis_accel.bench.settings import bench_settings
+from lavis_accel.bench.sweep import run_sweep, write_sweep_reports
 from lavis_accel.bench.tasks import default_candidates
 from lavis_accel.cli import run_guarded
 from lavis_accel.errors import SettingError
@@ -39,6 +40,10 @@ def check_counts(args) -> None:
         value = getattr(args, option)
         if value is not None and value < minimum:
             raise SettingError(f"--{option.replace('_', '-')} must be >= {minimum}, got {value}")
+    for option, minimum in (("image_sizes", 16), ("batch_sizes", 1)):
+        bad = [value for value in getattr(args, option) if value < minimum]
+        if bad:
+            raise SettingError(f"--{option.replace('_', '-')} must all be >= {minimum}, got {bad[0]}")
 
 
 def bench(args) -> int:
@@ -54,15 +59,16 @@ def bench(args) -> int:
     out_dir = args.out or os.path.join("output", "bench", f"{args.arch}_{args.model_type}")
 
     progress = stderr_progress()
+    sizes = args.image_sizes if args.sweep else [spec.image_size]
     progress(f"building {spec.parent_class.__name__} for {args.arch} / {args.model_type} "
-             f"({spec.image_size} px, random weights) on {device}")
+             f"({', '.join(map(str, sizes))} px, random weights) on {device}")
     torch.manual_seed(args.seed)
-    model = build_parent(spec)
+    model = None if args.sweep else build_parent(spec)
     options = BenchOptions(
         parts=tuple(args.parts),
         batch_size=args.batch_size,
         task_batch_size=args.task_batch_size,
-        candidates=args.candidates or default_candidates(model),
+        candidates=args.candidates or (1 if args.sweep else default_candidates(model)),
         warmup=args.warmup,
         repeats=args.repeats,
         max_repeats=args.max_repeats or 3 * args.repeats,
@@ -73,9 +79,15 @@ def bench(args) -> int:
     )
     progress("settings: " + ", ".join(setting.label for setting in settings))
     identity = {"arch": args.arch, "model_type": args.model_type}
-    records = run_benchmark(model, settings, options, spec.image_size, identity, progress)
-    paths = write_reports(records, out_dir, machine_info(device, DTYPES[args.dtype]))
-    print(markdown_table(records))
+    machine = machine_info(device, DTYPES[args.dtype])
+    if args.sweep:
+        records = run_sweep(spec, settings, options, args.image_sizes, args.batch_sizes, identity, progress)
+        paths = write_sweep_reports(records, out_dir, machine)
+        print(open(paths[1], encoding="utf-8").read())
+    else:
+        records = run_benchmark(model, settings, options, spec.image_size, identity, progress)
+        paths = write_reports(records, out_dir, machine)
+        print(markdown_table(records))
     progress("wrote " + ", ".join(paths))
     return 0
 

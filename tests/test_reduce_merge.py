@@ -7,6 +7,7 @@ import torch
 from lavis_accel.errors import SettingError
 from lavis_accel.reduce.attention import attention
 from lavis_accel.reduce.merge import (
+    bipartite_scores,
     bipartite_soft_matching,
     effective_r,
     merge_wavg,
@@ -139,3 +140,16 @@ def test_proportional_bias_is_log_size_per_key():
     size = torch.tensor([[[1.0], [4.0]]])
     assert proportional_bias(None) is None
     torch.testing.assert_close(proportional_bias(size), torch.log(torch.tensor([1.0, 4.0])).view(1, 1, 1, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_models_match_in_float32_and_keep_exact_sizes(dtype):
+    torch.manual_seed(0)
+    metric = torch.randn(1, 9, 8)
+    assert bipartite_scores(metric.to(dtype)).dtype == torch.float32
+    x = torch.randn(1, 9, 8).to(dtype)
+    merge = bipartite_soft_matching(metric, 2)
+    merged, size = merge_wavg(merge, x, torch.full((1, 9, 1), 300.0))  # bf16 holds 300 as 300, 301 as 300
+    assert merged.dtype == dtype and size.dtype == torch.float32
+    assert sorted(size.flatten().tolist()) == [300.0] * 5 + [600.0] * 2
+    assert merge_wavg(merge, x)[1].dtype == torch.float32

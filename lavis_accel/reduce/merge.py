@@ -61,12 +61,16 @@ def bipartite_scores(
 ) -> torch.Tensor:
     """Cosine similarity ``[B, |A|, |B|]`` of A (even) to B (odd) tokens, minus an optional per-A-row penalty.
 
+    Scores are computed in float32 at least: in bf16 (8 significant bits) near-equal similarities tie or swap, and
+    the merge decisions would depend on the model's precision.
+
     The [CLS] row is ``-inf`` so [CLS] is never chosen to merge. ``row_penalty`` is ``[B, |A|]``.
     """
+    metric = at_least_float32(metric)
     metric = metric / metric.norm(dim=-1, keepdim=True)
     scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
     if row_penalty is not None:
-        scores = scores - row_penalty[..., None]
+        scores = scores - row_penalty[..., None].to(scores.dtype)
     if class_token:
         scores[:, 0, :] = -math.inf
     return scores
@@ -107,15 +111,22 @@ def bipartite_soft_matching(
     return merge
 
 
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself in float32 or float64, else cast to float32 (bf16 and fp16 models)."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
 def merge_wavg(merge: Merge, x: torch.Tensor, size: Optional[torch.Tensor] = None):
     """Size-weighted average merge: returns ``(x', size')`` with ``x' = merge(x * s) / merge(s)``, ``size' = merge(s)``.
 
-    ``size`` is ``[B, T, 1]``; ``None`` means every token stands for one original token.
+    ``size`` is ``[B, T, 1]``; ``None`` means every token stands for one original token. Sizes are kept in float32
+    at least (bf16 holds integers exactly only up to 256) and the average is taken in their precision; ``x'`` has
+    ``x``'s dtype.
     """
     if size is None:
-        size = torch.ones_like(x[..., :1])
+        size = at_least_float32(torch.ones_like(x[..., :1]))
     merged_size = merge(size)
-    return merge(x * size) / merged_size, merged_size
+    return (merge(x * size) / merged_size).to(x.dtype), merged_size
 
 
 def proportional_bias(size: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

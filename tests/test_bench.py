@@ -154,7 +154,26 @@ def test_paired_ratio_interval_and_trust():
     assert tight.trusted and tight.low >= 1.98 and tight.high <= 2.02
 
 
-def test_untrusted_speedups_are_warned_about_in_the_table_and_the_json(tmp_path):
+class _Load:
+    """A stand-in for ``machine.OtherLoad`` that reports a fixed share (tests must not depend on the machine's load)."""
+
+    def __init__(self, share):
+        self.share = share
+
+    def __call__(self):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_untrusted_speedups_are_warned_about_in_the_table_and_the_json(tmp_path, monkeypatch):
+    from lavis_accel.bench import runner
+
+    monkeypatch.setattr(runner, "OtherLoad", _Load(0.0))  # a quiet machine
     settings = bench_settings(["tome"], [4], {"name": "turbo", "threshold": 1})
     options = BenchOptions(parts=("vision",), batch_size=2, warmup=0, repeats=3, device=CPU)
     records = run_benchmark(VisionOnly(), settings, options, 64, {"arch": "tiny", "model_type": "test"})
@@ -287,16 +306,7 @@ def test_other_load_sees_a_busy_neighbour():
 def test_a_busy_machine_is_reported_once_per_part_and_distrusts_its_speedups(monkeypatch):
     from lavis_accel.bench import runner
 
-    class BusyMachine:
-        share = 0.45
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(runner, "OtherLoad", BusyMachine)
+    monkeypatch.setattr(runner, "OtherLoad", _Load(0.45))
     settings = bench_settings(["tome"], [4], {"name": "turbo", "threshold": 1})
     options = BenchOptions(parts=("vision",), batch_size=2, warmup=0, repeats=1, device=CPU)
     records = run_benchmark(VisionOnly(), settings, options, 64, {"arch": "tiny", "model_type": "test"})

@@ -171,6 +171,11 @@ class SplitCheck:
                     self.bad[key] = f"image {image} {problem}"
                     break
 
+    def names_images(self):
+        """Whether the entries name image files (``image`` or ``images``); video datasets, say, do not."""
+        return any(isinstance(entry, dict) and ("image" in entry or "images" in entry)
+                   for entries in self.entries.values() for entry in entries[:1])
+
     def describe(self, key):
         path, index = key
         return f"{self.where}: {path} entry {index} {self.bad[key]}"
@@ -231,22 +236,13 @@ def check_builder(builder, run_cfg, job_dir, evaluated_splits):
             paths = [_resolve(p) for p in ([storage] if isinstance(storage, str) else storage)]
             check = SplitCheck(name, split, dataset_cls, paths, _resolve(visual.storage))
             check.check_fields()
-            if run_cfg.get("check_images", True) and "image" in _any_entry_keys(check):
+            if run_cfg.get("check_images", True) and check.names_images():
                 check.check_images(pool)
             _report(check, on_bad_sample)
             if check.bad:
                 replaced = check.filtered_files(os.path.join(job_dir, "checked_annotations", f"rank{get_rank()}"))
                 annotations[split].storage = [replaced.get(p, p) for p in paths]
             _check_gallery(check, run_cfg, evaluated_splits)
-
-
-def _any_entry_keys(check):
-    """``{"image"}`` when the entries name images (``image`` or ``images``), else empty (e.g. video datasets)."""
-    for entries in check.entries.values():
-        for entry in entries[:1]:
-            if isinstance(entry, dict) and ("image" in entry or "images" in entry):
-                return {"image"}
-    return set()
 
 
 def _report(check, on_bad_sample):

@@ -7,7 +7,7 @@ import lavis_accel  # first: it makes torchvision importable for LAVIS on CPU-on
 from lavis.models.vit import VisionTransformerEncoder
 from lavis_accel.errors import SettingError
 from lavis_accel.patch import current_settings, is_patched, token_counts
-from lavis_accel.patch import vit as patch_vit
+from lavis_accel.patch import steps as patch_steps
 from lavis_accel.reduce.merge import token_schedule
 
 
@@ -126,13 +126,13 @@ def test_cls_token_stays_first(images):
 
 def test_turbo_layer_counter_counts_blocks_scheduled_to_merge(monkeypatch, images):
     seen = []
-    original = patch_vit.informativity_matching
+    original = patch_steps.informativity_matching
 
     def spy(metric, cls_row, r, alpha, beta, gamma, layer, **kwargs):
         seen.append((layer, cls_row is not None))
         return original(metric, cls_row, r, alpha, beta, gamma, layer, **kwargs)
 
-    monkeypatch.setattr(patch_vit, "informativity_matching", spy)
+    monkeypatch.setattr(patch_steps, "informativity_matching", spy)
     vit = tiny_vit().eval()
     lavis_accel.apply(vit, "turbo", r=[2, 0, 2, 2], beta=0.5, gamma=1, threshold=14)
     with torch.no_grad():

@@ -1,17 +1,28 @@
-"""One-line token reduction for a LAVIS BLIP model or bare BLIP ViT.
+"""One-line token reduction for a LAVIS model or bare BLIP ViT.
 
-    model = lavis_accel.apply(model, "turbo", r=30, alpha=5)   # in place, per instance; returns model
-    lavis_accel.remove(model)                                  # back to stock LAVIS
+    model = lavis_accel.apply(model, "turbo", r=30, alpha=5)                 # in place, per instance; returns model
+    model = lavis_accel.apply(model, "madtp", temperature=1.0, codebook=C)   # C optional: [codes, width]
+    lavis_accel.remove(model)                                                # back to stock LAVIS
 """
-from lavis_accel.patch.vit import current_settings, is_patched, remove, token_counts  # noqa: F401
+from lavis_accel.patch import madtp
+from lavis_accel.patch.vit import current_settings, is_patched, token_counts  # noqa: F401
 from lavis_accel.patch.vit import apply_settings
+from lavis_accel.patch.vit import remove as remove_vit
 from lavis_accel.reduce.settings import ReducerSettings
 
 
 def apply(model, name: str, **settings):
-    """Patch ``model`` (a BLIP model's ``visual_encoder``, or a bare ViT) with reducer ``name`` and return it.
+    """Patch ``model`` with reducer ``name`` and return it.
 
-    ``settings`` are those of a ``reducer:`` block (``r``, ``alpha``, ``beta``, ``gamma``, ``threshold``,
-    ``prop_attn``); unset ones take the reducer's defaults. Applying again replaces all settings.
+    ``tome``/``turbo``: the settings of a ``reducer:`` block (``r``, ``alpha``, ``beta``, ``gamma``, ``threshold``,
+    ``prop_attn``), unset ones taking the reducer's defaults. ``madtp``: ``temperature`` (0 prunes nothing) and an
+    optional ``codebook``. Applying again replaces all settings.
     """
+    if name == "madtp":
+        return madtp.apply(model, **settings)
     return apply_settings(model, ReducerSettings.from_config({"name": name, **settings}))
+
+
+def remove(model):
+    """Undo ``apply``: every patched tower of ``model`` is stock LAVIS again."""
+    return remove_vit(model)

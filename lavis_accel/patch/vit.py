@@ -1,7 +1,9 @@
-"""Binds ToMe/Turbo to LAVIS's BLIP ViT (``lavis.models.vit``), per instance and removably.
+"""Binds a token-reduction step (``patch.steps``) to LAVIS's BLIP ViT (``lavis.models.vit``), per instance, removably.
 
 Only instance attributes change: each ``Block`` and its ``Attention`` get an instance-level ``forward``; the
-encoder gets one ``_lavis_accel`` state object. Classes, parameters and state-dict keys stay LAVIS's.
+encoder gets one ``_lavis_accel`` state object holding the step. Classes, parameters and state-dict keys stay
+LAVIS's. The block forward is the same for every method: the step says what it needs from attention and reduces
+the tokens between the attention residual and the MLP.
 
 Two LAVIS traps are handled:
 - ``VisionTransformerEncoder.forward_features`` calls ``super().forward``, so a wrapper around the encoder's
@@ -20,34 +22,32 @@ from fairscale.nn.checkpoint.checkpoint_activations import _checkpointed_forward
 from lavis.models.vit import Attention, Block, VisionTransformer
 
 from lavis_accel.errors import SettingError
-from lavis_accel.reduce.attention import attention
-from lavis_accel.reduce.merge import effective_r, merge_wavg, parse_r, proportional_bias, token_schedule
+from lavis_accel.patch.steps import AttentionNeeds, AttentionSeen, MergingStep
+from lavis_accel.reduce.attention import attention, eager_attention
 from lavis_accel.reduce.settings import ReducerSettings
-from lavis_accel.reduce.turbo import informativity_matching
 
 STATE_ATTR = "_lavis_accel"
 logger = logging.getLogger(__name__)
 
 
 class ReductionState:
-    """Settings and per-forward state shared by the blocks of one patched encoder.
+    """The step of one patched encoder and the token counts of its last forward.
 
-    ``token_counts`` of the last forward follows ``merge.token_schedule``: entry 0 enters block 0, entry ``i + 1``
-    leaves block ``i``'s merge (plain ints read from shapes, no host sync).
+    ``token_counts`` follows ``merge.token_schedule``: entry 0 enters block 0, entry ``i + 1`` leaves block ``i``'s
+    reduction (plain ints read from shapes, no host sync).
     """
 
-    def __init__(self, settings: ReducerSettings, depth: int):
+    def __init__(self, step, settings=None):
         self.originals = {}  # module -> its instance-level forward before patching (None if it had none)
-        self.configure(settings, depth)
-        self.start_forward(0)
+        self.configure(step, settings)
+        self.token_counts = [0]
 
-    def configure(self, settings: ReducerSettings, depth: int):
+    def configure(self, step, settings=None):
+        self.step = step
         self.settings = settings
-        self.r_per_block = parse_r(depth, settings.r)
 
     def start_forward(self, num_tokens: int):
-        self.size = None
-        self.merge_layer = 0
+        self.step.start_forward()
         self.token_counts = [num_tokens]
 
 
@@ -65,31 +65,35 @@ def find_vit(model) -> VisionTransformer:
 
 
 def apply_settings(model, settings: ReducerSettings):
-    """Patch ``model``'s BLIP ViT in place with ``settings`` and return ``model``.
+    """Patch ``model``'s BLIP ViT in place with ToMe/Turbo ``settings`` and return ``model``."""
+    vit = find_vit(model)
+    return apply_step(model, MergingStep(settings, len(vit.blocks)), settings)
 
-    Applying again only replaces the settings (the same as applying once with the new ones).
+
+def apply_step(model, step, settings=None):
+    """Patch ``model``'s BLIP ViT in place with a reduction ``step`` and return ``model``.
+
+    Applying again only replaces the step (the same as applying once with the new one).
     """
     vit = find_vit(model)
     state = getattr(vit, STATE_ATTR, None)
     if state is not None:
-        state.configure(settings, len(vit.blocks))
+        state.configure(step, settings)
     else:
-        state = ReductionState(settings, len(vit.blocks))
+        state = ReductionState(step, settings)
         for index, block in enumerate(vit.blocks):
             block._lavis_accel_slot = (state, index)
             _set_forward(state, block, types.MethodType(_reducing_block_forward, block))
             _set_forward(state, block.attn, _reducing_attention_callable(block.attn))
         setattr(vit, STATE_ATTR, state)
-    _log_schedule(model, vit, state)
+    logger.info("%s: %s", type(model).__name__, step.describe(vit.patch_embed.num_patches + 1))
     return model
 
 
-def _log_schedule(model, vit, state):
-    """Say once, at patch time, how many tokens each block keeps at the model's image size."""
-    settings = state.settings
-    counts = token_schedule(vit.patch_embed.num_patches + 1, state.r_per_block, settings.threshold)
-    logger.info("%s: %s (r=%s, alpha=%g, threshold=%d) keeps ViT tokens %s", type(model).__name__, settings.name,
-                settings.r, settings.alpha, settings.threshold, " -> ".join(map(str, counts)))
+def current_step(model):
+    """The step a patched model's ViT runs, or ``None``."""
+    state = getattr(find_vit(model), STATE_ATTR, None)
+    return None if state is None else state.step
 
 
 def remove(model):
@@ -114,7 +118,7 @@ def is_patched(model) -> bool:
 
 
 def current_settings(model) -> Optional[ReducerSettings]:
-    """The settings a patched model runs with, or ``None``."""
+    """The ToMe/Turbo settings a patched model runs with, or ``None``."""
     state = getattr(find_vit(model), STATE_ATTR, None)
     return None if state is None else state.settings
 
@@ -141,34 +145,35 @@ def _reducing_attention_callable(attn: Attention):
     return types.MethodType(_reducing_attention_forward, attn)
 
 
-def _reducing_attention_forward(attn: Attention, x, size=None, need_cls_row=False):
-    """LAVIS ``Attention`` via SDPA with the ``log size`` bias; returns ``(out, head-mean keys, cls row or None)``."""
+def _reducing_attention_forward(attn: Attention, x, bias=None, need_cls_row=False, need_probs=False):
+    """LAVIS ``Attention`` with an additive ``bias``, plus what the step asked for (``AttentionSeen`` fields).
+
+    SDPA unless the full probabilities are needed. Returns a plain tuple ``(out, *AttentionSeen)`` (fairscale's
+    checkpoint splits tuples only).
+    """
     batch, tokens, channels = x.shape
     qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, channels // attn.num_heads)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     dropout_p = attn.attn_drop.p if attn.training else 0.0
-    out, cls_row = attention(q, k, v, attn.scale, proportional_bias(size), dropout_p, need_cls_row)
-    out = attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(batch, tokens, channels)))
-    return out, k.mean(dim=1), cls_row
+    probs = cls_probs = head_outputs = cls_row = None
+    if need_probs:
+        heads, probs, cls_probs = eager_attention(q, k, v, attn.scale, bias, dropout_p)
+        head_outputs = heads
+    else:
+        heads, cls_row = attention(q, k, v, attn.scale, bias, dropout_p, need_cls_row)
+    out = attn.proj_drop(attn.proj(heads.transpose(1, 2).reshape(batch, tokens, channels)))
+    return out, k.mean(dim=1), cls_row, probs, cls_probs, head_outputs
 
 
 def _reducing_block_forward(block: Block, x, register_hook=False):
-    """LAVIS ``Block`` with a merge between attention and MLP; ``register_hook`` (Grad-CAM) is accepted, unused."""
+    """LAVIS ``Block`` with the step between attention and MLP; ``register_hook`` (Grad-CAM) is accepted, unused."""
     state, index = block._lavis_accel_slot
-    settings = state.settings
     if index == 0:
         state.start_forward(x.shape[1])
-    size = state.size if settings.prop_attn else None
-    scheduled_r = state.r_per_block[index]
-    r = effective_r(x.shape[1], scheduled_r, settings.threshold)  # from the shape: no host sync
-    out, metric, cls_row = block.attn(block.norm1(x), size, settings.alpha > 0 and r > 0)
+    step = state.step
+    needs: AttentionNeeds = step.needs(index, x)
+    out, *seen = block.attn(block.norm1(x), needs.bias, needs.cls_row, needs.probs)
     x = x + block.drop_path(out)
-    if r > 0:
-        merge = informativity_matching(
-            metric, cls_row, r, settings.alpha, settings.beta, settings.gamma, state.merge_layer, class_token=True
-        )
-        x, state.size = merge_wavg(merge, x, state.size)
-    if scheduled_r > 0:
-        state.merge_layer += 1  # Turbo counts every block scheduled to merge, even one the threshold skips
+    x, _ = step.reduce(index, x, AttentionSeen(*seen))
     state.token_counts.append(x.shape[1])
     return x + block.drop_path(block.mlp(block.norm2(x)))

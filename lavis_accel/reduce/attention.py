@@ -41,3 +41,24 @@ def attention(
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
     cls_row = cls_attention_row(q, k, scale, bias) if need_cls_row else None
     return out, cls_row
+
+
+def eager_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention with the full probability matrix, for methods that score tokens by it (MADTP).
+
+    Returns ``(out [B, H, T, D], probs [B, H, T, T] before dropout, cls_probs [B, H, T])``: ``cls_probs`` is the
+    [CLS] query's row after dropout, the one that weighted the values (as in the reference code).
+    """
+    logits = (q @ k.transpose(-2, -1)) * scale
+    if bias is not None:
+        logits = logits + bias.to(q.dtype)
+    probs = logits.softmax(dim=-1)
+    dropped = F.dropout(probs, dropout_p) if dropout_p > 0 else probs
+    return dropped @ v, probs, dropped[:, :, 0]

@@ -72,7 +72,11 @@ def control_of(model) -> MadtpControl:
 
 def image_code_features(model) -> torch.Tensor:
     """The ViT's code-pooled features of its last forward, summed over blocks ``[B, M, C]``."""
-    step = vit_binding.current_step(model)
+    return code_features(vit_binding.current_step(model), model)
+
+
+def code_features(step, module) -> torch.Tensor:
+    """``step.pooled`` of a tower's MADTP step (``module`` names the tower in the error when it has none)."""
     if not isinstance(step, MadtpStep):
-        raise SettingError(f"{type(model).__name__} has no MADTP reducer applied")
+        raise SettingError(f"{type(module).__name__} has no MADTP reducer applied")
     return step.pooled

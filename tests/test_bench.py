@@ -211,6 +211,23 @@ def test_bench_settings_add_parent_and_sdpa_and_carry_only_shared_settings():
     assert (turbo.alpha, turbo.threshold) == (5.0, 100)
 
 
+def test_madtp_settings_run_at_each_temperature_and_record_the_kept_tokens():
+    settings = bench_settings(["madtp"], [], {"name": "madtp", "temperature": 1.0}, [0.5, 4.0])
+    assert [setting.label for setting in settings] == [
+        "parent (LAVIS)", "madtp tau=0 (no pruning)", "madtp tau=0.5", "madtp tau=4"]
+    options = BenchOptions(parts=("vision",), batch_size=2, warmup=0, repeats=2, device=CPU)
+    parent, untouched, mild, strong = run_benchmark(VisionOnly(), settings, options, 64,
+                                                    {"arch": "tiny", "model_type": "test"})
+    assert parent["vision_token_counts"] is None and untouched["vision_token_counts"] == [65] * 5
+    assert untouched["temperature"] == 0.0 and strong["temperature"] == 4.0
+    assert strong["vision_tokens_out"] == strong["vision_token_counts"][-1] < 65
+    assert strong["vision_flops_ratio"] > 1.0 and strong["vision_gflops_analytic"] is None
+    with pytest.raises(ValueError, match="--temperature"):
+        bench_settings(["madtp"], [], None, [])
+    with pytest.raises(ValueError, match="'temperature'"):
+        bench_settings(["madtp"], [], None, [-1.0])
+
+
 def test_bench_settings_need_a_reducer():
     with pytest.raises(ValueError, match="--reducer"):
         bench_settings([], [30], None)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 
-OPTIONS = ("arch", "model_type", "reducer", "r", "batch_size", "task_batch_size", "candidates", "parts", "warmup",
+OPTIONS = ("arch", "model_type", "reducer", "r", "temperature", "batch_size", "task_batch_size", "candidates", "parts", "warmup",
            "repeats", "max_repeats", "min_time", "threads", "device", "dtype", "seed", "out", "sweep", "image_sizes",
            "batch_sizes")
 
@@ -19,9 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", required=True, help="a registered arch, e.g. blip_retrieval_turbo")
     parser.add_argument("--model-type", required=True, help="one of the arch's model types, e.g. coco")
     parser.add_argument("--reducer", nargs="+", metavar="NAME",
-                        help="reducers to compare (default: the arch's reducer: block), e.g. tome turbo")
+                        help="reducers to compare (default: the arch's reducer: block), e.g. tome turbo, or madtp")
     parser.add_argument("--r", nargs="+", type=int, metavar="R",
                         help="tokens merged per block, one setting each (default: the arch's r)")
+    parser.add_argument("--temperature", nargs="+", type=float, metavar="TAU",
+                        help="madtp: temperatures, one setting each (default: the arch's reducer temperature)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per timed vision-encoder step")
     parser.add_argument("--task-batch-size", type=int, default=1, help="samples per timed task step")
     parser.add_argument("--candidates", type=int,

@@ -19,7 +19,9 @@ from lavis_accel.bench.memory import ParameterUse, PeakMemory
 from lavis_accel.bench.settings import PARENT, SDPA, BenchSetting
 from lavis_accel.bench.tasks import Step, StepInputs, task_step, vision_step
 from lavis_accel.bench.throughput import Contender, median_and_spread, paired_ratio, time_interleaved
+from lavis_accel.patch import is_patched, token_counts
 from lavis_accel.reduce.merge import parse_r, token_schedule
+from lavis_accel.reduce.settings import ReducerSettings
 
 VISION, TASK = "vision", "task"
 
@@ -41,12 +43,14 @@ class BenchOptions:
 
 @dataclass
 class Profile:
-    """One untimed run of a step: FLOPs per sample, peak memory, parameters read, and the step's output."""
+    """One untimed run of a step: FLOPs per sample, peak memory, parameters read, the step's output and the ViT's
+    token counts per block in its last forward (None when the ViT is not patched)."""
 
     gflops_per_sample: float
     peak_mem_mb: float
     params_used: int
     output: object
+    token_counts: Optional[List[int]] = None
 
 
 def stderr_progress(start=None) -> Callable[[str], None]:
@@ -71,22 +75,29 @@ def profile_step(model, step: Step, device: torch.device) -> Profile:
         peak_mem_mb=memory.peak_bytes / 2**20,
         params_used=use.count,
         output=output,
+        token_counts=token_counts(model) if is_patched(model) else None,
     )
 
 
-def expected_schedule(vit, setting: BenchSetting) -> List[int]:
-    """Token counts through the ViT that the setting's reducer should produce (constant for the parent)."""
+def expected_schedule(vit, setting: BenchSetting) -> Optional[List[int]]:
+    """Token counts through the ViT that the setting's reducer should produce (constant for the parent); None for
+    MADTP, whose counts depend on the inputs."""
     depth, tokens = len(vit.blocks), vit.patch_embed.num_patches + 1
     if setting.reducer is None:
         return [tokens] * (depth + 1)
     reducer = setting.reducer
+    if not isinstance(reducer, ReducerSettings):
+        return None
     return token_schedule(tokens, parse_r(depth, reducer.r), reducer.threshold, class_token=True)
 
 
-def analytic_vision_gflops(vit, setting: BenchSetting) -> float:
-    """The analytic FLOP model of the setting's token schedule, per image, in GFLOPs."""
+def analytic_vision_gflops(vit, setting: BenchSetting) -> Optional[float]:
+    """The analytic FLOP model of the setting's token schedule, per image, in GFLOPs (None without a schedule)."""
+    schedule = expected_schedule(vit, setting)
+    if schedule is None:
+        return None
     cls_row = setting.reducer is not None and setting.reducer.alpha > 0
-    return lavis_vit_flops(vit, expected_schedule(vit, setting), cls_attention_row=cls_row) / 1e9
+    return lavis_vit_flops(vit, schedule, cls_attention_row=cls_row) / 1e9
 
 
 def _profile_all(model, settings, step, device, progress) -> List[Profile]:
@@ -209,6 +220,7 @@ def run_benchmark(
             "role": setting.role,
             "reducer": setting.reducer.name if setting.reducer else "none",
             "r": setting.reducer.r if setting.reducer else 0,
+            "temperature": getattr(setting.reducer, "temperature", None),
             "reducer_settings": setting.reducer.as_dict() if setting.reducer else None,
             "device": str(options.device),
             "dtype": str(options.dtype).replace("torch.", ""),
@@ -224,9 +236,11 @@ def run_benchmark(
             record.update(_part_fields("vision_", profiles[VISION], rates[VISION], settings, index,
                                        other_shares[VISION]))
             record["vision_tokens_out"] = vision_profile.output.shape[1]
+            record["vision_token_counts"] = vision_profile.token_counts
             if isinstance(vit, VisionTransformer):  # the analytic FLOP model is that of LAVIS's BLIP ViT
                 record["vision_gflops_analytic"] = analytic_vision_gflops(vit, setting)
-                record["vision_tokens_expected"] = expected_schedule(vit, setting)[-1]
+                schedule = expected_schedule(vit, setting)
+                record["vision_tokens_expected"] = schedule[-1] if schedule else None
         else:
             record.update(_empty_part_fields("vision_"))
         record.setdefault("vision_gflops_analytic", None)

@@ -54,8 +54,9 @@ def bench(args) -> int:
     spec = arch_spec(args.arch, args.model_type)
     block = spec.reducer_config
     reducers = args.reducer or ([block["name"]] if block else [])
-    r_values = args.r if args.r is not None else ([block["r"]] if block else [])
-    settings = bench_settings(reducers, r_values, block)
+    r_values = args.r if args.r is not None else ([block["r"]] if block and "r" in block else [])
+    temperatures = args.temperature or ([block["temperature"]] if block and "temperature" in block else [])
+    settings = bench_settings(reducers, r_values, block, temperatures)
     out_dir = args.out or os.path.join("output", "bench", f"{args.arch}_{args.model_type}")
 
     progress = stderr_progress()

@@ -1,10 +1,11 @@
-"""One-line token reduction for a LAVIS model or bare BLIP ViT.
+"""One-line token reduction for a LAVIS model or bare BLIP ViT (``madtp`` also on LAVIS's CLIP).
 
     model = lavis_accel.apply(model, "turbo", r=30, alpha=5)                 # in place, per instance; returns model
     model = lavis_accel.apply(model, "madtp", temperature=1.0, codebook=C)   # C optional: [codes, width]
     lavis_accel.remove(model)                                                # back to stock LAVIS
 """
-from lavis_accel.patch import madtp
+from lavis_accel.patch import clip, madtp
+from lavis_accel.patch.med import remove as remove_med
 from lavis_accel.patch.vit import current_settings, is_patched, token_counts  # noqa: F401
 from lavis_accel.patch.vit import apply_settings
 from lavis_accel.patch.vit import remove as remove_vit
@@ -20,9 +21,20 @@ def apply(model, name: str, **settings):
     """
     if name == "madtp":
         return madtp.apply(model, **settings)
-    return apply_settings(model, ReducerSettings.from_config({"name": name, **settings}))
+    model = apply_settings(model, ReducerSettings.from_config({"name": name, **settings}))
+    _remove_text(model)  # ToMe/Turbo reduce the ViT only
+    return model
 
 
 def remove(model):
     """Undo ``apply``: every patched tower of ``model`` is stock LAVIS again."""
+    if clip.is_clip(model):
+        return clip.remove(model)
+    _remove_text(model)
     return remove_vit(model)
+
+
+def _remove_text(model):
+    text = madtp.text_encoder(model)
+    if text is not None:
+        remove_med(text)

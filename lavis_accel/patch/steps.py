@@ -125,13 +125,7 @@ class MadtpStep:
         if temperature <= 0:
             return x, valid
         body, body_valid = x[:, 1:], (None if valid is None else valid[:, 1:])
-        head_norms = seen.head_outputs[:, :, 1:].norm(dim=-1)
-        importance = madtp.token_importance(
-            madtp.self_attention_importance(seen.probs, body_valid),
-            madtp.code_importance(self._similarity, body_valid),
-            madtp.cls_importance(seen.cls_probs[:, :, 1:], head_norms),
-            body_valid,
-        )
+        importance = self.importance(seen, body_valid)
         counts = madtp.keep_counts(importance, self._similarity, temperature, body_valid)
         k = madtp.batch_keep(counts, body.shape[1], self.no_prune_up_to)
         if k == 0:
@@ -141,6 +135,17 @@ class MadtpStep:
         if valid is not None:
             valid = torch.cat([valid[:, :1], body_valid], dim=1)
         return x, valid
+
+    def importance(self, seen: AttentionSeen, body_valid=None) -> torch.Tensor:
+        """MADTP's importance ``[B, N]`` of the tokens after the protected one, from this block's attention and the
+        codebook similarity of its input."""
+        head_norms = seen.head_outputs[:, :, 1:].norm(dim=-1)
+        return madtp.token_importance(
+            madtp.self_attention_importance(seen.probs, body_valid),
+            madtp.code_importance(self._similarity, body_valid),
+            madtp.cls_importance(seen.cls_probs[:, :, 1:], head_norms),
+            body_valid,
+        )
 
     def describe(self, num_tokens: int) -> str:
         control = self.control

@@ -95,13 +95,38 @@ def check_reducer_block(model_cfg):
     reducer_cfg = model_cfg.get("reducer")
     if not issubclass(model_cls, ReducedModel):
         if reducer_cfg is not None:
-            variants = [name for name, cls in registry.mapping["model_name_mapping"].items()
-                        if issubclass(cls, ReducedModel) and issubclass(cls, model_cls)]
+            name = reducer_cfg.get("name") if isinstance(reducer_cfg, DictConfig) else None
+            variants = _variants(model_cls, name)
             hint = f": use {' or '.join(variants)}" if variants else ""
             raise SettingError(f"model.reducer: {model_cfg.arch} has no token-reduction binding{hint}")
         return
     if reducer_cfg is not None:
-        build_reducer(reducer_cfg)
+        _check_madtp_binding(model_cfg.arch, model_cls, build_reducer(reducer_cfg).reducer_name)
+
+
+def _variants(lavis_class, reducer_name):
+    """The registered variants of ``lavis_class`` that run a ``reducer_name`` block (MADTP ones run madtp only)."""
+    from lavis_accel.models.madtp_model import MadtpModel
+    from lavis_accel.models.reduced import ReducedModel
+
+    return [name for name, cls in registry.mapping["model_name_mapping"].items()
+            if issubclass(cls, ReducedModel) and issubclass(cls, lavis_class)
+            and issubclass(cls, MadtpModel) == (reducer_name == "madtp")]
+
+
+def _check_madtp_binding(arch, model_cls, reducer_name):
+    """A madtp block needs a MADTP variant (codebook, saved tau), and a MADTP variant a madtp block."""
+    from lavis_accel.models.madtp_model import MadtpModel
+    from lavis_accel.models.reduced import ReducedModel
+
+    if issubclass(model_cls, MadtpModel) and reducer_name != "madtp":
+        raise SettingError(f"model.reducer: {arch} takes a madtp block (name: madtp, temperature), "
+                           f"not {reducer_name!r}")
+    if reducer_name == "madtp" and not issubclass(model_cls, MadtpModel):
+        lavis_parent = next(base for base in model_cls.__mro__ if not issubclass(base, ReducedModel))
+        variants = _variants(lavis_parent, reducer_name)
+        hint = f": use {' or '.join(variants)}" if variants else ""
+        raise SettingError(f"model.reducer: {arch} has no MADTP binding{hint}")
 
 
 def _as_list(value):
@@ -173,11 +198,13 @@ MIN_PRETRAINED_SHARE = 0.5
 def _unset_parameters_problem(model, result, key, load_strict):
     """Why a load that left ``result.missing_keys`` unset is refused, or None.
 
-    Frozen parameters may be missing (LAVIS's runner does not save them). A fine-tuned file must set every other
-    parameter; a pre-trained one at least half of the trainable weights (heads and projections may start fresh).
+    Frozen parameters may be missing (LAVIS's runner does not save them), and so may the parameters a model class
+    lists in ``PARAMETERS_STARTING_FRESH``. A fine-tuned file must set every other parameter; a pre-trained one at
+    least half of the trainable weights (heads and projections may start fresh).
     """
     trainable = {name: p.numel() for name, p in model.named_parameters() if p.requires_grad}
-    unset = [name for name in result.missing_keys if name in trainable]
+    fresh = set(getattr(model, "PARAMETERS_STARTING_FRESH", ()))  # e.g. MADTP's codebook: no stock file has it
+    unset = [name for name in result.missing_keys if name in trainable and name not in fresh]
     if not unset or not load_strict:
         return None
     hint = "(--options model.load_strict=False accepts a partial load)"

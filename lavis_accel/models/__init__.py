@@ -5,6 +5,10 @@
 - ``clip_types``: CLIP ``model_type: ViT-Tiny-16``.
 - ``optional_pretrained``: ``load_pretrained: False`` builds a model without loading a checkpoint.
 - ``blip_turbo``: the registered ``blip_<task>_turbo`` variants (LAVIS parent + Turbo/ToMe reducer).
+- ``blip_madtp``: the registered ``blip_<task>_madtp`` variants (LAVIS parent + ``madtp_model.MadtpModel``).
+- ``clip_madtp``: the registered ``clip_madtp`` (LAVIS's CLIP + ``MadtpModel`` + per-block query projections).
 """
 from lavis_accel.models import clip_types, eva_types, optional_pretrained, vit_types  # noqa: F401
 from lavis_accel.models import blip_turbo  # noqa: F401,E402  (after vit_types: the variants build tiny ViTs too)
+from lavis_accel.models import blip_madtp  # noqa: F401,E402
+from lavis_accel.models import clip_madtp  # noqa: F401,E402  (after clip_types: it builds the tiny CLIP type too)

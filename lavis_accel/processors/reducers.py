@@ -1,4 +1,4 @@
-"""Token reducers as LAVIS processors: ``tome`` and ``turbo``, built from a ``reducer:`` config block.
+"""Token reducers as LAVIS processors: ``tome``, ``turbo`` and ``madtp``, built from a ``reducer:`` config block.
 
 A reducer processor is called on a model and returns it patched in place, so a model's ``from_config`` can end
 with ``build_reducer(cfg.reducer)(model)``.
@@ -7,6 +7,8 @@ from lavis.common.registry import registry
 from lavis.processors.base_processor import BaseProcessor
 
 from lavis_accel.errors import SettingError
+from lavis_accel.models.madtp_model import START_TEMPERATURE, MadtpModel
+from lavis_accel.patch import madtp as madtp_patch
 from lavis_accel.patch.vit import apply_settings
 from lavis_accel.reduce.settings import TURBO_ONLY, ReducerSettings, plain_config
 from lavis_accel.registration import register_processor
@@ -51,6 +53,37 @@ class TurboReducer(TokenReducer):
     """Turbo: ToMe's matching driven by informativity (redundancy minus [CLS]-attention semantic value)."""
 
     reducer_name = "turbo"
+
+
+@register_processor("madtp")
+class MadtpReducer(TokenReducer):
+    """MADTP: alignment-guided dynamic token pruning at tau ``temperature`` (``reducer: {name: madtp, temperature}``).
+
+    On a registered MADTP variant it patches every tower with the model's own codebook, tau being the loaded
+    checkpoint's when it holds one (``MadtpModel.attach_madtp``); on any other model, ``patch.madtp.apply``.
+    """
+
+    reducer_name = "madtp"
+
+    def __init__(self, temperature: float = START_TEMPERATURE):
+        BaseProcessor.__init__(self)  # no ToMe/Turbo settings: MADTP's only setting is tau
+        self.temperature = madtp_patch.checked_temperature(temperature)
+
+    def __call__(self, model):
+        if isinstance(model, MadtpModel):
+            return model.attach_madtp(self.temperature)
+        return madtp_patch.apply(model, temperature=self.temperature)
+
+    @classmethod
+    def from_config(cls, cfg=None):
+        values = {} if cfg is None else plain_config(cfg)
+        name = values.pop("name", cls.reducer_name)
+        if name != cls.reducer_name:
+            raise SettingError(f"reducer name {name!r} given to the {cls.reducer_name!r} reducer")
+        unknown = sorted(set(values) - {"temperature"})
+        if unknown:
+            raise SettingError(f"reducer setting {unknown[0]!r} is not known for 'madtp': use temperature")
+        return cls(**values)
 
 
 def known_reducers():

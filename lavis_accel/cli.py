@@ -14,6 +14,8 @@ SUBCOMMANDS = {
     "bench": ("lavis_accel.bench.cli", "run", "FLOPs, throughput and memory of an accelerated arch vs its parent"),
     "demo": ("lavis_accel.demo", "run", "train, evaluate and compare accelerated models on synthetic data (CPU)"),
     "dry-run": ("lavis_accel.dryrun", "run", "rehearse a project yaml at tiny size on synthetic data, on CPU"),
+    "convert": ("lavis_accel.convert", "run", "turn a released checkpoint of another code base (MADTP) into one "
+                "the plugin's models load"),
 }
 
 

@@ -116,12 +116,14 @@ def enable_single_process_runs():
 
     Patched, in the modules that use them: ``dist`` (see ``_SingleProcessDistributed``) in the runners and BLIP-2's
     Q-Former; ``all_gather_with_grad`` (which asks torch for the world size first) wherever LAVIS imported
-    it: BLIP retrieval with ``negative_all_rank``, BLIP-2's Q-Former, ALPRO. Nothing changes once a group exists.
+    it: BLIP retrieval with ``negative_all_rank``, BLIP-2's Q-Former, ALPRO; CLIP's ``loss`` property (it builds its
+    ``ClipLoss`` from ``dist.get_world_size()``). Nothing changes once a group exists.
     """
     import lavis.models.alpro_models.alpro_retrieval as alpro_retrieval
     import lavis.models.base_model as base_model
     import lavis.models.blip2_models.blip2_qformer as blip2_qformer
     import lavis.models.blip_models.blip_retrieval as blip_retrieval
+    import lavis.models.clip_models.model as clip_model
     import lavis.runners.runner_base as runner_base
     import lavis.runners.runner_iter as runner_iter
 
@@ -132,7 +134,23 @@ def enable_single_process_runs():
     gather = _gather_with_grad_if_distributed(base_model.all_gather_with_grad)
     for module in (base_model, blip_retrieval, blip2_qformer, alpro_retrieval):
         module.all_gather_with_grad = gather
+    clip_model.CLIP.loss = property(_single_process_clip_loss(clip_model.CLIP.loss.fget))
     base_model._lavis_accel_single_process = True
+
+
+def _single_process_clip_loss(stock_loss):
+    """CLIP's ``loss`` property, with a one-process ``ClipLoss`` when no process group exists (LAVIS asks
+    ``dist.get_world_size()``, which fails without one)."""
+    import torch.distributed as dist
+    from lavis.models.clip_models.loss import ClipLoss
+
+    @functools.wraps(stock_loss)
+    def loss(self):
+        if self._loss is None and not (dist.is_available() and dist.is_initialized()):
+            self._loss = ClipLoss(world_size=1, rank=0, local_loss=False, gather_with_grad=False, use_horovod=False)
+        return stock_loss(self)
+
+    return loss
 
 
 def enable_cpu_runner():

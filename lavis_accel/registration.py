@@ -9,6 +9,7 @@ from lavis.common.registry import registry
 _KINDS = {
     "model": ("model_name_mapping", registry.register_model),
     "processor": ("processor_name_mapping", registry.register_processor),
+    "task": ("task_name_mapping", registry.register_task),
 }
 
 
@@ -32,6 +33,10 @@ def register_model(name):
 
 def register_processor(name):
     return _register_once("processor", name)
+
+
+def register_task(name):
+    return _register_once("task", name)
 
 
 def refresh_model_zoo():

@@ -134,3 +134,13 @@ def check_run(cfg, mode):
         raise SettingError(f"run.on_bad_sample must be one of {', '.join(ON_BAD_SAMPLE)}, not {on_bad_sample!r}")
     check_splits(run, cfg.datasets)
     check_output_dir(run)
+    check_task_settings(run, training)
+
+
+def check_task_settings(run, training):
+    """The plugin's tasks check their own ``run:`` settings (e.g. ``run.madtp``) here, before the job folder exists:
+    a registered task class may define ``check_run_settings(run_cfg, training)``."""
+    task_class = registry.get_task_class(run.get("task"))
+    check = getattr(task_class, "check_run_settings", None)
+    if check is not None:
+        check(run, training)

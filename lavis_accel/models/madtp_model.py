@@ -104,7 +104,7 @@ class MadtpModel(ReducedModel):
         tau = madtp_patch.checked_temperature(temperature)
         with torch.no_grad():
             self.madtp_temperature.fill_(tau)
-        self._adopt_temperature(tau)
+        self._adopt_temperature(float(self.madtp_temperature))  # as saved: a resumed run continues from this tau
 
     def attach_madtp(self, temperature: float):
         """Patch every tower; tau is the loaded checkpoint's, else ``temperature`` (the reducer block's)."""

@@ -228,6 +228,18 @@ def test_madtp_settings_run_at_each_temperature_and_record_the_kept_tokens():
         bench_settings(["madtp"], [], None, [-1.0])
 
 
+def test_clip_is_benchmarked_on_its_image_tower_and_its_retrieval_step():
+    from lavis_accel.testing.tiny_models import build_tiny
+
+    model = build_tiny("clip", "ViT-Tiny-16", is_eval=True)
+    settings = bench_settings(["madtp"], [], None, [1e4])
+    options = BenchOptions(batch_size=2, task_batch_size=2, warmup=0, repeats=1, device=CPU)
+    parent, untouched, pruned = run_benchmark(model, settings, options, 96, {"arch": "clip", "model_type": "tiny"})
+    assert parent["vision_tokens_out"] == untouched["vision_tokens_out"] == 37  # 6 x 6 patches + [CLS]
+    assert pruned["vision_tokens_out"] == pruned["vision_token_counts"][-1] < 37
+    assert parent["task"].startswith("clip retrieval") and pruned["task_gflops"] < parent["task_gflops"]
+
+
 def test_bench_settings_need_a_reducer():
     with pytest.raises(ValueError, match="--reducer"):
         bench_settings([], [30], None)

@@ -19,15 +19,17 @@ from lavis_accel.errors import SettingError
     ({"epochs": 0}, "--epochs must be at least 1"),
     ({"k_test": 300}, r"--k-test \(300\) must not exceed --n-test \(200\)"),
     ({"r_values": (0, 4)}, "--r-values must be positive"),
+    ({"madtp_p": 1.0}, r"--madtp-p must be in \(0, 1\)"),
+    ({"madtp_epochs": 0}, "--madtp-epochs must be at least 1"),
 ])
 def test_bad_settings_are_refused(changes, message):
     with pytest.raises(SettingError, match=message):
         DemoSettings(**changes).check()
 
 
-def test_compares_the_parent_then_tome_and_turbo_at_each_r():
-    names = [name for name, _ in settings_to_compare(DemoSettings(r_values=(2, 4)))]
-    assert names == ["parent", "tome_r2", "tome_r4", "turbo_r2", "turbo_r4"]
+def test_compares_the_parent_then_tome_and_turbo_at_each_r_then_madtp():
+    names = [name for name, _ in settings_to_compare(DemoSettings(r_values=(2, 4), madtp_p=0.3))]
+    assert names == ["parent", "tome_r2", "tome_r4", "turbo_r2", "turbo_r4", "madtp_p30"]
 
 
 def test_configs_are_valid_lavis_projects(tmp_path):
@@ -42,6 +44,12 @@ def test_configs_are_valid_lavis_projects(tmp_path):
     assert evaluated.model.arch == "blip_retrieval_turbo" and evaluated.model.finetuned == "ckpt.pth"
     assert dict(evaluated.model.reducer) == {"name": "turbo", "r": 4, "threshold": project.DEMO_THRESHOLD}
     assert evaluated.run.evaluate and "valid_splits" not in evaluated.run
+    compress = OmegaConf.create(project.madtp_train_config(settings, datasets, "ckpt.pth"))
+    check_project(compress)
+    assert compress.model.arch == "blip_retrieval_madtp" and compress.model.finetuned == "ckpt.pth"
+    assert compress.run.task == "madtp_retrieval" and compress.run.madtp.p == settings.madtp_p
+    madtp_eval = OmegaConf.create(project.eval_config(settings, datasets, "madtp.pth", "madtp_p30", {"name": "madtp"}))
+    assert madtp_eval.model.arch == "blip_retrieval_madtp" and dict(madtp_eval.model.reducer) == {"name": "madtp"}
 
 
 def test_table_lists_every_setting():
@@ -56,16 +64,17 @@ def test_a_small_demo_runs_end_to_end(tmp_path):
     workdir = tmp_path / "demo"
     command = [sys.executable, "-m", "lavis_accel.cli", "demo", "--workdir", str(workdir), "--n-train", "16",
                "--n-val", "4", "--n-test", "8", "--epochs", "1", "--batch-size", "8", "--k-test", "4",
-               "--r-values", "4"]
+               "--r-values", "4", "--madtp-epochs", "1"]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "| parent |" in result.stdout and "| turbo_r4 |" in result.stdout
     results = json.load(open(workdir / "results.json"))
     rows = {row["setting"]: row for row in results["results"]}
-    assert set(rows) == {"parent", "tome_r4", "turbo_r4"}
+    assert set(rows) == {"parent", "tome_r4", "turbo_r4", "madtp_p30"}
     assert os.path.isfile(results["checkpoint"])
     assert rows["parent"]["vision_speedup"] == 1.0
     assert rows["turbo_r4"]["vision_gflops"] < rows["parent"]["vision_gflops"]
     assert rows["turbo_r4"]["task_gflops"] < rows["parent"]["task_gflops"]
     assert 0 <= rows["turbo_r4"]["txt_r1"] <= rows["turbo_r4"]["txt_r10"] <= 100
+    assert rows["madtp_p30"]["temperature"] > 0 and 0 <= rows["madtp_p30"]["img_r1"] <= 100
     assert (workdir / "recall_vs_gflops.png").read_bytes()[:4] == b"\x89PNG"

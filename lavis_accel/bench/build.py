@@ -8,6 +8,7 @@ from typing import Optional
 
 from lavis.common.registry import registry
 from lavis.models.base_model import BaseModel
+from lavis.models.clip_models.model import CLIP
 from omegaconf import OmegaConf
 
 from lavis_accel.errors import SettingError
@@ -22,12 +23,15 @@ class ArchSpec:
     parent_class: type
     config: object  # the ``model:`` block of the arch's yaml, without ``reducer``
     reducer_config: Optional[dict]  # the arch's ``reducer:`` block, if it has one
+    eval_image_size: Optional[int] = None  # the yaml's evaluation processor's image size (CLIP has no model key)
 
     @property
     def image_size(self) -> int:
-        if "image_size" not in self.config:
+        if "image_size" in self.config:
+            return int(self.config.image_size)
+        if self.eval_image_size is None:
             raise SettingError(f"{self.arch} / {self.model_type}: the model yaml has no image_size")
-        return int(self.config.image_size)
+        return int(self.eval_image_size)
 
 
 def plugin_archs():
@@ -52,23 +56,28 @@ def arch_class(arch):
     return cls
 
 
-def model_config(arch_cls, arch, model_type):
-    """The ``model:`` block of the arch's default yaml for ``model_type``."""
+def default_yaml(arch_cls, arch, model_type):
+    """The arch's default yaml for ``model_type``."""
     if model_type not in arch_cls.PRETRAINED_MODEL_CONFIG_DICT:
         known = ", ".join(arch_cls.PRETRAINED_MODEL_CONFIG_DICT)
         raise SettingError(f"--model-type {model_type!r} is not known for {arch}: use one of {known}")
-    return OmegaConf.load(arch_cls.default_config_path(model_type)).model
+    return OmegaConf.load(arch_cls.default_config_path(model_type))
 
 
 def arch_spec(arch, model_type) -> ArchSpec:
     cls = arch_class(arch)
-    config = model_config(cls, arch, model_type)
+    yaml = default_yaml(cls, arch, model_type)
+    config = yaml.model
     reducer_config = config.pop("reducer", None)
     reducer = OmegaConf.to_container(reducer_config, resolve=True) if reducer_config is not None else None
-    return ArchSpec(arch, model_type, parent_class(cls), config, reducer)
+    eval_size = OmegaConf.select(yaml, "preprocess.vis_processor.eval.image_size")
+    return ArchSpec(arch, model_type, parent_class(cls), config, reducer, eval_size)
 
 
 def build_parent(spec: ArchSpec) -> BaseModel:
     """The arch's LAVIS parent at the arch's real size, randomly initialised (no checkpoint), in eval mode."""
-    config = OmegaConf.merge(spec.config, {"load_finetuned": False, "load_pretrained": False})
+    no_checkpoint = {"load_finetuned": False, "load_pretrained": False}
+    if issubclass(spec.parent_class, CLIP):
+        no_checkpoint = {"pretrained": ""}  # LAVIS's CLIP loads OpenAI weights for "openai", none for ""
+    config = OmegaConf.merge(spec.config, no_checkpoint)
     return spec.parent_class.from_config(config).eval()

@@ -19,6 +19,7 @@ from lavis_accel.bench.memory import ParameterUse, PeakMemory
 from lavis_accel.bench.settings import PARENT, SDPA, BenchSetting
 from lavis_accel.bench.tasks import Step, StepInputs, task_step, vision_step
 from lavis_accel.bench.throughput import Contender, median_and_spread, paired_ratio, time_interleaved
+from lavis_accel.patch import clip as clip_binding
 from lavis_accel.patch import is_patched, token_counts
 from lavis_accel.reduce.merge import parse_r, token_schedule
 from lavis_accel.reduce.settings import ReducerSettings
@@ -75,8 +76,24 @@ def profile_step(model, step: Step, device: torch.device) -> Profile:
         peak_mem_mb=memory.peak_bytes / 2**20,
         params_used=use.count,
         output=output,
-        token_counts=token_counts(model) if is_patched(model) else None,
+        token_counts=vision_token_counts(model),
     )
+
+
+def vision_token_counts(model) -> Optional[List[int]]:
+    """The vision tower's token counts per block in its last forward, or None when it is not patched."""
+    if clip_binding.is_clip(model):
+        return clip_binding.token_counts(model)["image"] if clip_binding.is_patched(model) else None
+    return token_counts(model) if is_patched(model) else None
+
+
+def vision_tokens_out(model, profile: Profile) -> int:
+    """Tokens leaving the vision tower (CLIP's pools them into one feature: its sequence length is read instead)."""
+    if profile.token_counts:
+        return profile.token_counts[-1]
+    if clip_binding.is_clip(model):
+        return model.visual.positional_embedding.shape[0]
+    return profile.output.shape[1]
 
 
 def expected_schedule(vit, setting: BenchSetting) -> Optional[List[int]]:
@@ -194,7 +211,7 @@ def run_benchmark(
     ``options.parts`` has ``None`` values. Vision GFLOPs are per image, task GFLOPs per task sample.
     """
     model = model.to(options.device, options.dtype).eval()
-    vit = model.visual_encoder
+    vit = getattr(model, "visual_encoder", None)  # a BLIP ViT (CLIP has ``visual``)
     steps = {}
     if VISION in options.parts:
         inputs = StepInputs(options.batch_size, image_size, options.device, seed=options.seed, dtype=options.dtype)
@@ -235,7 +252,7 @@ def run_benchmark(
             vision_profile = profiles[VISION][index]
             record.update(_part_fields("vision_", profiles[VISION], rates[VISION], settings, index,
                                        other_shares[VISION]))
-            record["vision_tokens_out"] = vision_profile.output.shape[1]
+            record["vision_tokens_out"] = vision_tokens_out(model, vision_profile)
             record["vision_token_counts"] = vision_profile.token_counts
             if isinstance(vit, VisionTransformer):  # the analytic FLOP model is that of LAVIS's BLIP ViT
                 record["vision_gflops_analytic"] = analytic_vision_gflops(vit, setting)

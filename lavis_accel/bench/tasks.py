@@ -14,6 +14,7 @@ from lavis.models.blip_models.blip_caption import BlipCaption
 from lavis.models.blip_models.blip_nlvr import BlipNLVR
 from lavis.models.blip_models.blip_retrieval import BlipRetrieval
 from lavis.models.blip_models.blip_vqa import BlipVQA
+from lavis.models.clip_models.model import CLIP
 
 from lavis_accel.errors import SettingError
 
@@ -62,10 +63,36 @@ def vocabulary_sentences(tokenizer, count, words, seed) -> List[str]:
 
 
 def vision_step(model, inputs: StepInputs) -> Step:
-    """The vision encoder alone, as every BLIP task calls it: ``visual_encoder.forward_features``."""
+    """The vision encoder alone, as every BLIP task calls it (``visual_encoder.forward_features``), or CLIP's image
+    tower (``encode_image``)."""
     generator = torch.Generator().manual_seed(inputs.seed)
     images = random_images(inputs, generator)
+    if isinstance(model, CLIP):
+        return Step("image tower", lambda: model.encode_image(images), inputs.batch_size)
     return Step("vision encoder", lambda: model.visual_encoder.forward_features(images), inputs.batch_size)
+
+
+CLIP_WORDS = ("a", "photo", "of", "the", "red", "blue", "green", "small", "large", "dog", "cat", "car", "man",
+              "woman", "tree", "house", "on", "in", "near", "street", "table", "with", "two", "white", "black")
+CAPTIONS_PER_IMAGE = 5  # COCO / Flickr30k
+
+
+def clip_retrieval_step(model: CLIP, inputs: StepInputs) -> Step:
+    """CLIP retrieval per image, as LAVIS's ``compute_sim_matrix`` spends it: the image tower, the text tower on the
+    image's share of the gallery (five captions per image) and the similarities."""
+    generator = torch.Generator().manual_seed(inputs.seed)
+    images = random_images(inputs, generator)
+    rng = random.Random(inputs.seed)
+    captions = [" ".join(rng.choice(CLIP_WORDS) for _ in range(rng.randint(5, 15)))
+                for _ in range(inputs.batch_size * CAPTIONS_PER_IMAGE)]
+    texts = model.tokenizer(captions).to(inputs.device)
+
+    def run():
+        image_features = F.normalize(model.encode_image(images), dim=-1)
+        text_features = F.normalize(model.encode_text(texts), dim=-1)
+        return image_features @ text_features.t()
+
+    return Step(f"clip retrieval: image + {CAPTIONS_PER_IMAGE} captions", run, inputs.batch_size)
 
 
 def retrieval_step(model: BlipRetrieval, inputs: StepInputs) -> Step:
@@ -154,6 +181,7 @@ TASK_STEPS = (
     (BlipCaption, caption_step),
     (BlipVQA, vqa_step),
     (BlipNLVR, nlvr_step),
+    (CLIP, clip_retrieval_step),
 )
 
 DEFAULT_CANDIDATES = {BlipRetrieval: 256, BlipVQA: 128}

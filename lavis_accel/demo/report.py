@@ -34,6 +34,9 @@ def _plot(rows, path):
         ax.plot([p["vision_gflops"] for p in points], [p["r_mean"] for p in points], marker=marker, label=reducer)
         for p in points[1:]:
             ax.annotate(f"r={p['r']}", (p["vision_gflops"], p["r_mean"]), fontsize=7)
+    for p in (row for row in rows if row["reducer"] == "madtp"):
+        ax.plot([p["vision_gflops"]], [p["r_mean"]], marker="^", linestyle="none", label=f"madtp ({p['setting']})")
+        ax.annotate(f"tau={p['temperature']:.2g}", (p["vision_gflops"], p["r_mean"]), fontsize=7)
     ax.set_xlabel("ViT GFLOPs per image (counted)")
     ax.set_ylabel("mean recall (R@1/5/10, both directions)")
     ax.set_title("Small BLIP retrieval on synthetic scenes")

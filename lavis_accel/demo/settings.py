@@ -17,6 +17,8 @@ class DemoSettings:
     batch_size: int = 32
     k_test: int = 16
     r_values: Tuple[int, ...] = (2, 4, 8)
+    madtp_p: float = 0.3
+    madtp_epochs: int = 2
     seed: int = 42
 
     @classmethod
@@ -39,6 +41,10 @@ class DemoSettings:
             raise SettingError(f"demo --batch-size ({self.batch_size}) must not exceed --n-train ({self.n_train})")
         if any(r < 1 for r in self.r_values):
             raise SettingError(f"demo --r-values must be positive, got {list(self.r_values)}")
+        if not 0 < self.madtp_p < 1:
+            raise SettingError(f"demo --madtp-p must be in (0, 1) (the share of GFLOPs to remove), got {self.madtp_p}")
+        if self.madtp_epochs < 1:
+            raise SettingError(f"demo --madtp-epochs must be at least 1, got {self.madtp_epochs}")
         return self
 
     def argv(self):
@@ -62,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--k-test", type=int, help=f"ITM re-ranking candidates (default: {default.k_test})")
     parser.add_argument("--r-values", type=int, nargs="+",
                         help=f"tokens merged per ViT block, one setting each (default: {list(default.r_values)})")
+    parser.add_argument("--madtp-p", type=float,
+                        help=f"MADTP's target: the share of GFLOPs to remove (default: {default.madtp_p})")
+    parser.add_argument("--madtp-epochs", type=int,
+                        help=f"epochs of MADTP's compression fine-tuning (default: {default.madtp_epochs})")
     parser.add_argument("--seed", type=int, help=f"seed of data and training (default: {default.seed})")
     return parser
 

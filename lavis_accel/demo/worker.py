@@ -18,12 +18,16 @@ def progress(message):
 _START = time.perf_counter()
 
 
+def madtp_setting_name(settings):
+    return f"madtp_p{round(settings.madtp_p * 100)}"
+
+
 def settings_to_compare(settings):
-    """``[(name, reducer block or None)]``: the parent, then ToMe and Turbo at each r."""
+    """``[(name, reducer block or None)]``: the parent, ToMe and Turbo at each r, then MADTP at its target."""
     compared = [("parent", None)]
     for name in ("tome", "turbo"):
         compared += [(f"{name}_r{r}", {"name": name, "r": r}) for r in settings.r_values]
-    return compared
+    return compared + [(madtp_setting_name(settings), {"name": "madtp"})]
 
 
 def main(argv=None):
@@ -47,16 +51,27 @@ def main(argv=None):
     checkpoint = os.path.join(trainer.output_dir, "checkpoint_best.pth")
     progress(f"best checkpoint: {checkpoint}")
 
+    progress(f"compressing it with MADTP to {1 - settings.madtp_p:.0%} of its GFLOPs ({settings.madtp_epochs} epochs, "
+             "tau searched first)")
+    madtp_yaml = write_project(OmegaConf.create(project.madtp_train_config(settings, datasets, checkpoint)),
+                               os.path.join(settings.workdir, "configs", "madtp.yaml"))
+    compressor = jobs.build_runner(madtp_yaml)
+    compressor.train()
+    madtp_checkpoint = os.path.join(compressor.output_dir, "checkpoint_best.pth")
+
     rows, models = [], {}
     for name, reducer in settings_to_compare(settings):
         progress(f"evaluating {name} through LAVIS's retrieval task")
-        eval_yaml = write_project(OmegaConf.create(project.eval_config(settings, datasets, checkpoint, name, reducer)),
+        evaluated = madtp_checkpoint if reducer and reducer["name"] == "madtp" else checkpoint
+        eval_yaml = write_project(OmegaConf.create(project.eval_config(settings, datasets, evaluated, name, reducer)),
                                   os.path.join(settings.workdir, "configs", f"eval_{name}.yaml"))
         runner = jobs.build_runner(eval_yaml, mode="evaluate")
         metrics = runner.evaluate(skip_reload=True)["test"]
+        model = runner.unwrap_dist_model(runner.model)
         rows.append({"setting": name, "reducer": reducer["name"] if reducer else None,
-                     "r": reducer["r"] if reducer else 0, **metrics})
-        models[name] = runner.unwrap_dist_model(runner.model)
+                     "r": reducer.get("r", 0) if reducer else 0,
+                     "temperature": getattr(model, "temperature", None), **metrics})
+        models[name] = model
 
     progress("counting FLOPs and timing every setting, interleaved")
     costs.add_costs(rows, models, settings)

@@ -34,6 +34,7 @@ from lavis.models.clip_models.model import CLIP, VisualTransformer
 from torch import nn
 
 from lavis_accel.errors import SettingError
+from lavis_accel.patch.instance_patches import InstancePatches
 from lavis_accel.patch.steps import AttentionNeeds, AttentionSeen, MadtpControl, MadtpStep
 from lavis_accel.reduce import madtp
 from lavis_accel.reduce.attention import attention, eager_attention
@@ -69,12 +70,7 @@ class ClipReductionState:
 
     def __init__(self, image: TowerState, text: TowerState):
         self.image, self.text = image, text
-        self.originals = {}  # (module, attribute) -> its instance-level value before patching (None if none)
-
-    def original(self, module, name: str):
-        """``module.name`` as it was before patching (instance-level, else the class's, bound to ``module``)."""
-        original = self.originals[(module, name)]
-        return original if original is not None else types.MethodType(getattr(type(module), name), module)
+        self.patches = InstancePatches()
 
 
 class ClipSteps(NamedTuple):
@@ -139,9 +135,9 @@ def apply_steps(model, image_step, text_step):
     for tower, blocks in ((state.image, model.visual.transformer.resblocks), (state.text, model.transformer.resblocks)):
         for index, block in enumerate(blocks):
             setattr(block, SLOT_ATTR, (tower, index))
-            _set_attribute(state, block, "forward", types.MethodType(_reducing_block_forward, block))
-    _set_attribute(state, model.visual, "forward", types.MethodType(_opening_visual_forward, model.visual))
-    _set_attribute(state, model, "encode_text", types.MethodType(_encode_text_at_tracked_eot, model))
+            state.patches.set(block, "forward", types.MethodType(_reducing_block_forward, block))
+    state.patches.set(model.visual, "forward", types.MethodType(_opening_visual_forward, model.visual))
+    state.patches.set(model, "encode_text", types.MethodType(_encode_text_at_tracked_eot, model))
     setattr(model.visual, SLOT_ATTR, state)
     setattr(model, STATE_ATTR, state)
     return model
@@ -152,11 +148,7 @@ def remove(model):
     state = getattr(model, STATE_ATTR, None)
     if state is None:
         return model
-    for (module, name), original in state.originals.items():
-        if original is None:
-            delattr(module, name)
-        else:
-            setattr(module, name, original)
+    state.patches.restore()
     for module in (model.visual, *model.visual.transformer.resblocks, *model.transformer.resblocks):
         delattr(module, SLOT_ATTR)
     delattr(model, STATE_ATTR)
@@ -188,10 +180,6 @@ def _check_clip(model):
         raise SettingError(f"CLIP image tower {type(model.visual).__name__} has no transformer blocks to reduce: "
                            "only ViT CLIP types are supported")
 
-
-def _set_attribute(state: ClipReductionState, module, name: str, value):
-    state.originals[(module, name)] = module.__dict__.get(name)
-    setattr(module, name, value)
 
 
 # --- MADTP's steps for CLIP -----------------------------------------------------------------------------------------
@@ -244,7 +232,7 @@ def _opening_visual_forward(visual, image):
     """LAVIS's ``VisualTransformer.forward``, opening the image tower's forward first."""
     state: ClipReductionState = getattr(visual, SLOT_ATTR)
     state.image.begin(visual.positional_embedding.shape[0])
-    return state.original(visual, "forward")(image)
+    return state.patches.original(visual, "forward")(image)
 
 
 def _encode_text_at_tracked_eot(model, text):

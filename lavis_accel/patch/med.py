@@ -39,6 +39,7 @@ from lavis.models import med
 from lavis.models.blip_models import nlvr_encoder
 
 from lavis_accel.errors import SettingError
+from lavis_accel.patch.instance_patches import InstancePatches
 from lavis_accel.patch.steps import AttentionNeeds, AttentionSeen
 from lavis_accel.reduce.attention import attention, cls_attention_row, eager_attention
 
@@ -61,13 +62,8 @@ class TextReductionState:
     def __init__(self, step, encoder):
         self.step = step
         self.encoder = encoder
-        self.originals = {}  # (module, attribute) -> its instance-level value before patching (None if none)
+        self.patches = InstancePatches()
         self.close_forward()
-
-    def original(self, module, name: str):
-        """``module.name`` as it was before patching (instance-level, else the class's, bound to ``module``)."""
-        original = self.originals[(module, name)]
-        return original if original is not None else types.MethodType(getattr(type(module), name), module)
 
     def close_forward(self):
         self.input_mask = self.opened = self.mask = self.valid = None
@@ -121,10 +117,10 @@ def apply_step(bert, step):
         state.close_forward()
         return bert
     state = TextReductionState(step, bert.encoder)
-    _set_attribute(state, bert, MASK_METHOD, types.MethodType(_opening_extended_mask, bert))
+    state.patches.set(bert, MASK_METHOD, types.MethodType(_opening_extended_mask, bert))
     for index, layer in enumerate(bert.encoder.layer):
         setattr(layer.attention, SLOT_ATTR, (state, index))
-        _set_attribute(state, layer.attention, "forward", types.MethodType(_reducing_self_attention, layer.attention))
+        state.patches.set(layer.attention, "forward", types.MethodType(_reducing_self_attention, layer.attention))
     setattr(bert, STATE_ATTR, state)
     return bert
 
@@ -134,11 +130,7 @@ def remove(bert):
     state = getattr(bert, STATE_ATTR, None)
     if state is None:
         return bert
-    for (module, name), original in state.originals.items():
-        if original is None:
-            delattr(module, name)
-        else:
-            setattr(module, name, original)
+    state.patches.restore()
     for layer in bert.encoder.layer:
         delattr(layer.attention, SLOT_ATTR)
     delattr(bert, STATE_ATTR)
@@ -186,15 +178,11 @@ def _check_text_encoder(bert):
                            "'absolute' is supported")
 
 
-def _set_attribute(state: TextReductionState, module, name: str, value):
-    state.originals[(module, name)] = module.__dict__.get(name)
-    setattr(module, name, value)
-
 
 def _opening_extended_mask(bert, attention_mask, input_shape, device, is_decoder):
     """LAVIS's ``get_extended_attention_mask``, opening the forward (called once per ``BertModel.forward``)."""
     state = getattr(bert, STATE_ATTR)
-    extended = state.original(bert, MASK_METHOD)(attention_mask, input_shape, device, is_decoder)
+    extended = state.patches.original(bert, MASK_METHOD)(attention_mask, input_shape, device, is_decoder)
     state.open_forward(bert.training, attention_mask, extended, is_decoder)
     return extended
 
@@ -207,7 +195,7 @@ def _reducing_self_attention(block, hidden_states, attention_mask=None, head_mas
     """
     state, index = getattr(block, SLOT_ATTR)
     if not state.reduces(attention_mask, past_key_value):
-        stock = state.original(block, "forward")
+        stock = state.patches.original(block, "forward")
         return stock(hidden_states, attention_mask, head_mask, encoder_hidden_states, encoder_attention_mask,
                      past_key_value, output_attentions)
     needs: AttentionNeeds = state.step.needs(index, hidden_states, state.valid)

@@ -22,6 +22,7 @@ from fairscale.nn.checkpoint.checkpoint_activations import _checkpointed_forward
 from lavis.models.vit import Attention, Block, VisionTransformer
 
 from lavis_accel.errors import SettingError
+from lavis_accel.patch.instance_patches import InstancePatches
 from lavis_accel.patch.steps import AttentionNeeds, AttentionSeen, MergingStep
 from lavis_accel.reduce.attention import attention, eager_attention
 from lavis_accel.reduce.settings import ReducerSettings
@@ -38,7 +39,7 @@ class ReductionState:
     """
 
     def __init__(self, step, settings=None):
-        self.originals = {}  # module -> its instance-level forward before patching (None if it had none)
+        self.patches = InstancePatches()
         self.configure(step, settings)
         self.token_counts = [0]
 
@@ -83,8 +84,8 @@ def apply_step(model, step, settings=None):
         state = ReductionState(step, settings)
         for index, block in enumerate(vit.blocks):
             block._lavis_accel_slot = (state, index)
-            _set_forward(state, block, types.MethodType(_reducing_block_forward, block))
-            _set_forward(state, block.attn, _reducing_attention_callable(block.attn))
+            state.patches.set(block, "forward", types.MethodType(_reducing_block_forward, block))
+            state.patches.set(block.attn, "forward", _reducing_attention_callable(block.attn))
         setattr(vit, STATE_ATTR, state)
     logger.info("%s: %s", type(model).__name__, step.describe(vit.patch_embed.num_patches + 1))
     return model
@@ -102,11 +103,7 @@ def remove(model):
     state = getattr(vit, STATE_ATTR, None)
     if state is None:
         return model
-    for module, original in state.originals.items():
-        if original is None:
-            del module.forward
-        else:
-            module.forward = original
+    state.patches.restore()
     for block in vit.blocks:
         del block._lavis_accel_slot
     delattr(vit, STATE_ATTR)
@@ -130,10 +127,6 @@ def token_counts(model) -> List[int]:
         raise SettingError(f"{type(model).__name__} has no token reducer applied")
     return list(state.token_counts)
 
-
-def _set_forward(state: ReductionState, module, forward):
-    state.originals[module] = module.__dict__.get("forward")
-    module.forward = forward
 
 
 def _reducing_attention_callable(attn: Attention):

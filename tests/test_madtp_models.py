@@ -15,7 +15,6 @@ from omegaconf import OmegaConf
 
 import lavis_accel  # noqa: F401  (first: makes torchvision importable for LAVIS and registers the variants)
 from lavis.common.registry import registry
-from lavis.models.base_model import BaseModel
 from lavis_accel import config_checks
 from lavis_accel.errors import SettingError
 from lavis_accel.patch import madtp as madtp_patch
@@ -24,6 +23,9 @@ from lavis_accel.patch import token_counts
 from lavis_accel.patch import vit as vit_binding
 from lavis_accel.patch.steps import MadtpControl, MadtpStep
 from lavis_accel.testing.tiny_models import TINY_IMAGE_SIZE, build_tiny, tiny_config
+from blip_task_outputs import (ANSWER_LIST, TEXTS, BatchesLoader, build_seeded, caption_outputs, nlvr_batch,
+                               nlvr_outputs, outputs_by_arch, random_images, record_load_results, retrieval_outputs,
+                               training_batch, vqa_batch, vqa_outputs)
 
 PARENTS = {
     "blip_retrieval_madtp": "blip_retrieval",
@@ -45,10 +47,8 @@ TINY_TOKENS = (TINY_IMAGE_SIZE // 16) ** 2 + 1  # 37: [CLS] and 6 x 6 patches
 TINY_WIDTH = 128
 STRONG = 5.0  # a tau at which the tiny random models prune image and (unpadded) text tokens
 
-TEXTS = ["a red circle at the top left", "two blue squares", "a green triangle in the middle",
-         "a yellow star on the right", "a purple square at the bottom"]
+# long enough for the tiny random models to prune the question tokens (the VQA tests check they are)
 QUESTIONS = ["what color is the circle on the left of the picture?", "how many?"]
-ANSWER_LIST = ["red", "blue", "green", "2", "3", "yes", "no"]
 
 
 def madtp_block(temperature):
@@ -56,72 +56,24 @@ def madtp_block(temperature):
 
 
 def build_variant(arch, temperature=1.0, *, is_eval=True, seed=0, **overrides):
-    torch.manual_seed(seed)
-    return build_tiny(arch, MODEL_TYPES[arch][0], is_eval=is_eval, reducer=madtp_block(temperature), **overrides)
+    return build_seeded(arch, MODEL_TYPES[arch][0], seed=seed, is_eval=is_eval, reducer=madtp_block(temperature),
+                        **overrides)
 
 
 def build_parent(arch, seed=0):
-    torch.manual_seed(seed)
-    return build_tiny(PARENTS[arch], MODEL_TYPES[arch][0], is_eval=True)
-
-
-def random_images(count, seed):
-    return torch.randn(count, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
-
-
-class BatchesLoader:
-    """What LAVIS's ``compute_sim_matrix`` reads from a retrieval loader: ``dataset.text``/``.image`` and batches."""
-
-    def __init__(self, batches, texts):
-        self.batches = batches
-        self.dataset = SimpleNamespace(text=texts, image=list(range(sum(len(batch) for batch in batches))))
-
-    def __iter__(self):
-        for images in self.batches:
-            yield {"image": images}
+    return build_seeded(PARENTS[arch], MODEL_TYPES[arch][0], seed=seed)
 
 
 # --- task outputs ---------------------------------------------------------------------------------------------------
 
-def retrieval_outputs(model):
-    loader = BatchesLoader([random_images(1, seed=1), random_images(3, seed=2)], TEXTS)
-    i2t, t2i = model.compute_sim_matrix(loader, SimpleNamespace(k_test=2))
-    return {"discrete": [], "continuous": [torch.as_tensor(i2t), torch.as_tensor(t2i)]}
-
-
-def caption_outputs(model):
-    images = random_images(2, seed=3)
-    captions = model.generate({"image": images}, num_beams=3, max_length=12, min_length=4)
-    loss = model({"image": images, "text_input": captions}).loss
-    return {"discrete": captions, "continuous": [loss]}
-
-
-def vqa_outputs(model):
-    images = random_images(2, seed=4)
-    ranked = model.predict_answers({"image": images, "text_input": QUESTIONS}, inference_method="rank",
-                                   answer_list=ANSWER_LIST, num_ans_candidates=4)
-    generated = model.predict_answers({"image": images, "text_input": QUESTIONS}, inference_method="generate",
-                                      max_len=5)
-    loss = model(vqa_training_samples()).loss
-    return {"discrete": ranked + generated, "continuous": [loss]}
-
-
-def nlvr_outputs(model):
-    return {"discrete": [], "continuous": [model.predict(nlvr_samples())["predictions"]]}
-
-
-TASK_OUTPUTS = {
-    "blip_retrieval_madtp": retrieval_outputs,
-    "blip_caption_madtp": caption_outputs,
-    "blip_vqa_madtp": vqa_outputs,
-    "blip_nlvr_madtp": nlvr_outputs,
-}
-
-
-def outputs(arch, model):
-    torch.manual_seed(0)
-    with torch.no_grad():
-        return TASK_OUTPUTS[arch](model)
+outputs = outputs_by_arch({
+    # two image batches, of 1 and 3 images
+    "blip_retrieval_madtp": lambda model: retrieval_outputs(model, [random_images(1, seed=1),
+                                                                    random_images(3, seed=2)]),
+    "blip_caption_madtp": lambda model: caption_outputs(model, random_images(2, seed=3)),
+    "blip_vqa_madtp": lambda model: vqa_outputs(model, random_images(2, seed=4), QUESTIONS, generate=True),
+    "blip_nlvr_madtp": lambda model: nlvr_outputs(model, nlvr_samples()),
+})
 
 
 def assert_same_outputs(got, expected):
@@ -131,25 +83,15 @@ def assert_same_outputs(got, expected):
 
 
 def vqa_training_samples():
-    return {"image": random_images(2, seed=4), "text_input": QUESTIONS, "answer": ["red", "2", "two"],
-            "weight": torch.tensor([1.0, 0.5, 0.5]), "n_answers": torch.tensor([1, 2])}
+    return vqa_batch(random_images(2, seed=4), QUESTIONS)
 
 
 def nlvr_samples():
-    return {"image0": random_images(2, seed=5), "image1": random_images(2, seed=6),
-            "text_input": [f"{TEXTS[0]} next to {TEXTS[2]}", "two"], "label": torch.tensor([0, 1])}
+    return nlvr_batch((5, 6), [f"{TEXTS[0]} next to {TEXTS[2]}", "two"])
 
 
 def training_samples(arch):
-    images = random_images(2, seed=7)
-    if arch == "blip_retrieval_madtp":
-        return {"image": images, "text_input": TEXTS[:2], "image_id": torch.tensor([0, 1]),
-                "epoch": 0, "iters": 0, "num_iters_per_epoch": 10}
-    if arch == "blip_caption_madtp":
-        return {"image": images, "text_input": TEXTS[:2]}
-    if arch == "blip_vqa_madtp":
-        return vqa_training_samples()
-    return nlvr_samples()
+    return training_batch(PARENTS[arch], random_images(2, seed=7), vqa=vqa_training_samples(), nlvr=nlvr_samples())
 
 
 # --- building -------------------------------------------------------------------------------------------------------
@@ -215,15 +157,7 @@ def test_unpruned_runs_the_parent_and_restores_pruning(arch):
 @pytest.fixture
 def load_results(monkeypatch):
     """The ``load_state_dict`` result of every ``BaseModel.load_checkpoint`` call (LAVIS only logs it)."""
-    results = []
-    stock_load_checkpoint = BaseModel.load_checkpoint
-
-    def recording_load_checkpoint(self, url_or_filename):
-        results.append(stock_load_checkpoint(self, url_or_filename))
-        return results[-1]
-
-    monkeypatch.setattr(BaseModel, "load_checkpoint", recording_load_checkpoint)
-    return results
+    return record_load_results(monkeypatch)
 
 
 def build_from_checkpoint(arch, path, temperature=1.0):

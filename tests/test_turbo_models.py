@@ -5,8 +5,6 @@ holding its parent's weights gives the parent's task outputs; with merging, outp
 counts follow the schedule; a stock LAVIS checkpoint loads unchanged; bad reducer settings fail at build; every
 variant trains a step on CPU.
 """
-from types import SimpleNamespace
-
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -14,11 +12,13 @@ from omegaconf import OmegaConf
 import lavis_accel  # noqa: F401  (first: makes torchvision importable for LAVIS and registers the variants)
 import lavis.models
 from lavis.common.registry import registry
-from lavis.models.base_model import BaseModel
 from lavis_accel.errors import SettingError
 from lavis_accel.patch import current_settings, token_counts
 from lavis_accel.reduce import parse_r, token_schedule
 from lavis_accel.testing.tiny_models import TINY_IMAGE_SIZE, build_tiny
+from blip_task_outputs import (TEXTS, build_seeded, caption_outputs, nlvr_batch, nlvr_outputs, outputs_by_arch,
+                               random_images, record_load_results, retrieval_outputs, training_batch, vqa_batch,
+                               vqa_outputs)
 
 PARENTS = {
     "blip_retrieval_turbo": "blip_retrieval",
@@ -46,10 +46,7 @@ TINY_TOKENS = (TINY_IMAGE_SIZE // 16) ** 2 + 1  # 37: [CLS] and 6 x 6 patches
 CROSS_ATTENTION_SCALE = 8
 MERGING = {"r": 4, "threshold": 1}  # 37 -> 33 -> 29 -> 25 -> 21 tokens through the tiny ViT's 4 blocks
 
-TEXTS = ["a red circle at the top left", "two blue squares", "a green triangle in the middle",
-         "a yellow star on the right", "a purple square at the bottom"]
 QUESTIONS = ["what color is the circle?", "how many shapes are there?"]
-ANSWER_LIST = ["red", "blue", "green", "2", "3", "yes", "no"]
 
 
 def first_type(arch):
@@ -62,8 +59,7 @@ def build_variant(arch, reducer, *, is_eval=True, **overrides):
 
 def build_parent(arch, seed=0):
     """The tiny parent, made to read its image (see ``sharpen_cross_attention``)."""
-    torch.manual_seed(seed)
-    return sharpen_cross_attention(build_tiny(PARENTS[arch], first_type(arch), is_eval=True))
+    return sharpen_cross_attention(build_seeded(PARENTS[arch], first_type(arch), seed=seed))
 
 
 def sharpen_cross_attention(model, scale=CROSS_ATTENTION_SCALE):
@@ -85,67 +81,14 @@ def with_weights_of(parent, variant):
     return variant
 
 
-def random_images(count, seed):
-    return torch.randn(count, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
-
-
 # --- task outputs: discrete ones must be identical at r = 0, continuous ones close ----------------------------------
 
-class OneBatchLoader:
-    """What LAVIS's ``compute_sim_matrix`` reads from a retrieval loader: ``dataset.text``/``.image`` and batches."""
-
-    def __init__(self, images, texts):
-        self.images = images
-        self.dataset = SimpleNamespace(text=texts, image=list(range(len(images))))
-
-    def __iter__(self):
-        yield {"image": self.images}
-
-
-def retrieval_outputs(model):
-    """LAVIS's two-stage retrieval scores (ITC top-k re-ranked by ITM) of 3 images against 5 captions."""
-    loader = OneBatchLoader(random_images(3, seed=1), TEXTS)
-    i2t, t2i = model.compute_sim_matrix(loader, SimpleNamespace(k_test=2))
-    return {"discrete": [], "continuous": [torch.as_tensor(i2t), torch.as_tensor(t2i)]}
-
-
-def caption_outputs(model):
-    """Beam-search captions, and the teacher-forced loss of those captions (their score under the model)."""
-    images = random_images(2, seed=2)
-    captions = model.generate({"image": images}, num_beams=3, max_length=12, min_length=4)
-    loss = model({"image": images, "text_input": captions}).loss
-    return {"discrete": captions, "continuous": [loss]}
-
-
-def vqa_outputs(model):
-    """Rank-mode answers (LAVIS's VQAv2 evaluation) and the answer loss."""
-    images = random_images(2, seed=3)
-    answers = model.predict_answers({"image": images, "text_input": QUESTIONS}, inference_method="rank",
-                                    answer_list=ANSWER_LIST, num_ans_candidates=4)
-    loss = model({"image": images, "text_input": QUESTIONS, "answer": ["red", "2", "two"],
-                  "weight": torch.tensor([1.0, 0.5, 0.5]), "n_answers": torch.tensor([1, 2])}).loss
-    return {"discrete": answers, "continuous": [loss]}
-
-
-def nlvr_outputs(model):
-    """NLVR2 logits of two image pairs."""
-    samples = {"image0": random_images(2, seed=4), "image1": random_images(2, seed=5),
-               "text_input": TEXTS[:2], "label": torch.tensor([0, 1])}
-    return {"discrete": [], "continuous": [model.predict(samples)["predictions"]]}
-
-
-TASK_OUTPUTS = {
-    "blip_retrieval_turbo": retrieval_outputs,
-    "blip_caption_turbo": caption_outputs,
-    "blip_vqa_turbo": vqa_outputs,
-    "blip_nlvr_turbo": nlvr_outputs,
-}
-
-
-def outputs(arch, model):
-    torch.manual_seed(0)
-    with torch.no_grad():
-        return TASK_OUTPUTS[arch](model)
+outputs = outputs_by_arch({
+    "blip_retrieval_turbo": lambda model: retrieval_outputs(model, [random_images(3, seed=1)]),
+    "blip_caption_turbo": lambda model: caption_outputs(model, random_images(2, seed=2)),
+    "blip_vqa_turbo": lambda model: vqa_outputs(model, random_images(2, seed=3), QUESTIONS),
+    "blip_nlvr_turbo": lambda model: nlvr_outputs(model, nlvr_batch((4, 5), TEXTS[:2])),
+})
 
 
 # --- default configs ------------------------------------------------------------------------------------------------
@@ -217,15 +160,7 @@ def test_a_tome_block_builds_the_tome_baseline(arch):
 @pytest.fixture
 def load_results(monkeypatch):
     """The ``load_state_dict`` result of every ``BaseModel.load_checkpoint`` call (LAVIS only logs it)."""
-    results = []
-    stock_load_checkpoint = BaseModel.load_checkpoint
-
-    def recording_load_checkpoint(self, url_or_filename):
-        results.append(stock_load_checkpoint(self, url_or_filename))
-        return results[-1]
-
-    monkeypatch.setattr(BaseModel, "load_checkpoint", recording_load_checkpoint)
-    return results
+    return record_load_results(monkeypatch)
 
 
 @pytest.mark.parametrize("arch, model_type", ARCH_TYPES)
@@ -273,16 +208,7 @@ def test_a_variant_without_a_reducer_block_is_refused():
 
 def training_samples(arch):
     images = random_images(2, seed=6)
-    if arch == "blip_retrieval_turbo":
-        return {"image": images, "text_input": TEXTS[:2], "image_id": torch.tensor([0, 1]),
-                "epoch": 0, "iters": 0, "num_iters_per_epoch": 10}
-    if arch == "blip_caption_turbo":
-        return {"image": images, "text_input": TEXTS[:2]}
-    if arch == "blip_vqa_turbo":
-        return {"image": images, "text_input": QUESTIONS, "answer": ["red", "2", "two"],
-                "weight": torch.tensor([1.0, 0.5, 0.5]), "n_answers": torch.tensor([1, 2])}
-    return {"image0": images, "image1": random_images(2, seed=7), "text_input": TEXTS[:2],
-            "label": torch.tensor([0, 1])}
+    return training_batch(PARENTS[arch], images, vqa=vqa_batch(images, QUESTIONS), nlvr=nlvr_batch((6, 7), TEXTS[:2]))
 
 
 def is_checkpointed(block):

@@ -75,7 +75,7 @@ class MergingStep:
     def describe(self, num_tokens: int) -> str:
         s = self.settings
         counts = token_schedule(num_tokens, self.r_per_block, s.threshold)
-        return (f"{s.name} (r={s.r}, alpha={s.alpha:g}, threshold={s.threshold}) keeps tokens "
+        return (f"{s.name} (r={s.r}, alpha={s.alpha:g}, threshold={s.threshold}) keeps ViT tokens "
                 + " -> ".join(map(str, counts)))
 
 

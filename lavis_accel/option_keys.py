@@ -6,6 +6,7 @@ merged config (the project yaml, the model's and datasets' default yamls), or wh
 it: the run settings of LAVIS's runner validator and the keys its runners, tasks and models read, found once in
 their sources.
 """
+import dataclasses
 import difflib
 import functools
 import os
@@ -69,7 +70,17 @@ def _known_at(cfg, path):
         known |= known_run_keys()
     elif len(path) == 2 and path[0] == "model":
         known |= known_model_keys()
+    elif path[:2] == ["model", "reducer"] and len(path) == 3:
+        known |= known_reducer_keys()
     return known
+
+
+def known_reducer_keys():
+    """Every setting a ``reducer:`` block can hold, whichever reducer it names (the reducer checks its own)."""
+    from lavis_accel.patch.madtp import KNOWN_SETTINGS as MADTP_SETTINGS
+    from lavis_accel.reduce.settings import ReducerSettings
+
+    return {field.name for field in dataclasses.fields(ReducerSettings)} | set(MADTP_SETTINGS)
 
 
 def config_without_options(user, merged):

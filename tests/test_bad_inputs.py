@@ -142,6 +142,13 @@ def test_a_bad_reducer_setting_fails_before_the_model_is_built(data, tmp_path, c
     _fails(capsys, "train", path, "model.reducer.alpha=-1", expected="alpha")
 
 
+def test_a_misspelt_reducer_option_gets_the_reducer_settings_as_hints(data, tmp_path, capsys):
+    """Reducer settings the yaml's block does not list (``scale_alpha``) are known keys of ``--options`` too."""
+    path = _project(tmp_path, data[1], model={"arch": "blip_retrieval_turbo"})
+    _fails(capsys, "train", path, "model.reducer.scale_alfa=True",
+           expected="--options model.reducer.scale_alfa: no such setting (did you mean model.reducer.scale_alpha?)")
+
+
 # ---- annotation files and images ----
 
 @pytest.mark.parametrize("content, expected", [

@@ -228,3 +228,32 @@ def test_low_precision_keeps_the_schedule_and_the_cls_feature(images, dtype, mod
     # half of this tiny random ViT's tokens merge, among near-equal similarities: a bf16 key can flip a choice
     # (at real size, ViT-B/16 @384 r=30, the [CLS] cosine to fp32 measured 0.9997 to 0.99999)
     assert cosine.min() >= 0.99
+
+
+def test_scale_alpha_scales_the_semantic_weight_to_the_block_token_count(monkeypatch, images):
+    seen = []
+    original = patch_steps.informativity_matching
+
+    def spy(metric, cls_row, r, alpha, *args, **kwargs):
+        seen.append((metric.shape[1], alpha))
+        return original(metric, cls_row, r, alpha, *args, **kwargs)
+
+    monkeypatch.setattr(patch_steps, "informativity_matching", spy)
+    vit = tiny_vit().eval()
+    with torch.no_grad():
+        lavis_accel.apply(vit, "turbo", r=2, alpha=5, threshold=1)
+        vit(images)
+        lavis_accel.apply(vit, "turbo", r=2, alpha=5, threshold=1, scale_alpha=True)
+        vit(images)
+    plain, scaled = seen[:4], seen[4:]
+    assert [alpha for _, alpha in plain] == [5.0] * 4  # the reference's behaviour by default
+    assert scaled == [(tokens, pytest.approx(5.0 * tokens / 577)) for tokens in (17, 15, 13, 11)]
+
+
+def test_scale_alpha_is_the_reference_at_577_tokens():
+    torch.manual_seed(0)
+    vit = VisionTransformerEncoder(img_size=384, patch_size=16, embed_dim=32, depth=1, num_heads=2).eval()
+    x = torch.randn(1, 3, 384, 384)
+    with torch.no_grad():
+        outputs = [lavis_accel.apply(vit, "turbo", r=30, threshold=1, scale_alpha=scale)(x) for scale in (False, True)]
+    torch.testing.assert_close(outputs[1], outputs[0], atol=0, rtol=0)

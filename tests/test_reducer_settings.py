@@ -15,7 +15,8 @@ from lavis_accel.reduce.settings import ReducerSettings
 def test_defaults_per_reducer():
     turbo = ReducerSettings.from_config({"name": "turbo"})
     assert turbo.as_dict() == {
-        "name": "turbo", "r": 0, "alpha": 5.0, "beta": 1.0, "gamma": 0.0, "threshold": 40, "prop_attn": True
+        "name": "turbo", "r": 0, "alpha": 5.0, "beta": 1.0, "gamma": 0.0, "threshold": 40, "prop_attn": True,
+        "scale_alpha": False,
     }
     tome = ReducerSettings.from_config({"name": "tome", "r": 16})
     assert (tome.r, tome.alpha, tome.threshold, tome.prop_attn) == (16, 0.0, 1, True)
@@ -50,6 +51,8 @@ def test_a_tome_block_drops_turbo_knobs_but_python_settings_are_strict():
         ({"name": "turbo", "threshold": 0}, "reducer setting 'threshold' must be an integer >= 1"),
         ({"name": "turbo", "threshold": 40.5}, "reducer setting 'threshold' must be an integer >= 1"),
         ({"name": "turbo", "prop_attn": "yes"}, "reducer setting 'prop_attn' must be True or False"),
+        ({"name": "turbo", "scale_alpha": 1}, "reducer setting 'scale_alpha' must be True or False"),
+        ({"name": "tome", "scale_alpha": True}, "reducer setting 'scale_alpha' is for 'turbo'"),
         ({"name": "turbo", "ratio": 0.5}, "reducer setting 'ratio' is not known for 'turbo'"),
         ({"name": "madness"}, "reducer name 'madness' is not known: use one of tome, turbo"),
         ({"r": 3}, "reducer name None is not known"),

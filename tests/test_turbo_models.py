@@ -116,6 +116,7 @@ def test_model_zoo_lists_the_variants_and_their_types():
 def test_the_default_block_builds_turbo_at_the_paper_setting(arch):
     settings = current_settings(build_variant(arch, {}))
     assert settings.as_dict() == {"name": "turbo", "alpha": 5.0, "beta": 1.0, "gamma": 0.0, "prop_attn": True,
+                                  "scale_alpha": False,
                                   **PAPER_REDUCERS[arch]}
 
 

@@ -19,7 +19,7 @@ import torch
 from lavis_accel.reduce import madtp
 from lavis_accel.reduce.merge import effective_r, merge_wavg, parse_r, proportional_bias, token_schedule
 from lavis_accel.reduce.settings import ReducerSettings
-from lavis_accel.reduce.turbo import informativity_matching
+from lavis_accel.reduce.turbo import informativity_matching, token_scaled_alpha
 
 
 class AttentionNeeds(NamedTuple):
@@ -63,8 +63,9 @@ class MergingStep:
     def reduce(self, index: int, x: torch.Tensor, seen: AttentionSeen, valid=None):
         settings = self.settings
         if self._r > 0:
+            alpha = token_scaled_alpha(settings.alpha, x.shape[1]) if settings.scale_alpha else settings.alpha
             merge = informativity_matching(
-                seen.keys, seen.cls_row, self._r, settings.alpha, settings.beta, settings.gamma, self.merge_layer,
+                seen.keys, seen.cls_row, self._r, alpha, settings.beta, settings.gamma, self.merge_layer,
                 class_token=True,
             )
             x, self.size = merge_wavg(merge, x, self.size)
@@ -75,7 +76,8 @@ class MergingStep:
     def describe(self, num_tokens: int) -> str:
         s = self.settings
         counts = token_schedule(num_tokens, self.r_per_block, s.threshold)
-        return (f"{s.name} (r={s.r}, alpha={s.alpha:g}, threshold={s.threshold}) keeps ViT tokens "
+        scaled = ", alpha scaled to the token count" if s.scale_alpha else ""
+        return (f"{s.name} (r={s.r}, alpha={s.alpha:g}{scaled}, threshold={s.threshold}) keeps ViT tokens "
                 + " -> ".join(map(str, counts)))
 
 

@@ -18,11 +18,13 @@ RSchedule = Union[int, Tuple[int, float], List[int]]
 # Turbo with alpha fixed to 0. ``threshold`` 40 is the Turbo reference's ``apply_patch`` default; ToMe's default is
 # 1, which never skips, as in facebookresearch/ToMe (the registered models' yamls set the threshold explicitly).
 DEFAULTS = {
-    "tome": {"r": 0, "alpha": 0.0, "beta": 1.0, "gamma": 0.0, "threshold": 1, "prop_attn": True},
-    "turbo": {"r": 0, "alpha": 5.0, "beta": 1.0, "gamma": 0.0, "threshold": 40, "prop_attn": True},
+    "tome": {"r": 0, "alpha": 0.0, "beta": 1.0, "gamma": 0.0, "threshold": 1, "prop_attn": True,
+             "scale_alpha": False},
+    "turbo": {"r": 0, "alpha": 5.0, "beta": 1.0, "gamma": 0.0, "threshold": 40, "prop_attn": True,
+              "scale_alpha": False},
 }
 KNOWN_REDUCERS = tuple(DEFAULTS)
-TURBO_ONLY = ("alpha", "beta", "gamma")  # Turbo's semantic-term knobs; ToMe has none
+TURBO_ONLY = ("alpha", "beta", "gamma", "scale_alpha")  # Turbo's semantic-term knobs; ToMe has none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +35,9 @@ class ReducerSettings:
       ``(r, -1)`` for the decreasing schedule) or an explicit per-layer list (zero-padded to the depth).
     - ``alpha``, ``beta``, ``gamma``: weight ``alpha * 30 * beta ** |gamma - l|`` of the [CLS]-attention term of
       Turbo's informativity score (l = merging layers run so far in the forward). ``alpha = 0`` is ToMe.
+    - ``scale_alpha``: scale ``alpha`` by ``t / 577`` in a block of ``t`` tokens (off by default: the reference's
+      behaviour). Turbo tuned alpha on ViT-B/16 at 384 px (577 tokens); [CLS] attention probabilities grow as ``1 / t``,
+      so with fewer tokens the unscaled semantic term outweighs redundancy.
     - ``threshold``: a block merges only while its token count ``t >= threshold``.
     - ``prop_attn``: add ``log(size)`` of merged tokens to the attention logits (proportional attention).
 
@@ -46,6 +51,7 @@ class ReducerSettings:
     gamma: float
     threshold: int
     prop_attn: bool
+    scale_alpha: bool = False
 
     @classmethod
     def from_config(cls, cfg):
@@ -68,10 +74,13 @@ class ReducerSettings:
         object.__setattr__(self, "beta", _checked_number("beta", self.beta, minimum=0.0))
         object.__setattr__(self, "gamma", _checked_number("gamma", self.gamma, minimum=0.0))
         object.__setattr__(self, "threshold", _checked_threshold(self.threshold))
-        if not isinstance(self.prop_attn, bool):
-            raise SettingError(f"reducer setting 'prop_attn' must be True or False, got {self.prop_attn!r}")
+        for key in ("prop_attn", "scale_alpha"):
+            if not isinstance(getattr(self, key), bool):
+                raise SettingError(f"reducer setting {key!r} must be True or False, got {getattr(self, key)!r}")
         if self.name == "tome" and self.alpha != 0:
             raise SettingError(f"reducer setting 'alpha' is fixed to 0 for 'tome', got {self.alpha}: use 'turbo'")
+        if self.name == "tome" and self.scale_alpha:
+            raise SettingError("reducer setting 'scale_alpha' is for 'turbo' ('tome' has no semantic term)")
 
     def as_dict(self):
         """The settings as keyword arguments (``name`` included), e.g. to log or rebuild them."""

@@ -12,6 +12,13 @@ import torch
 from lavis_accel.reduce.merge import Merge, bipartite_scores, bipartite_soft_matching
 
 SEMANTIC_SCALE = 30.0  # the constant the Turbo reference multiplies the [CLS] attention by
+ALPHA_TUNED_TOKENS = 577  # BLIP ViT-B/16 at 384 px, the token count Turbo's alpha was tuned for
+
+
+def token_scaled_alpha(alpha: float, num_tokens: int) -> float:
+    """``alpha * num_tokens / 577``: the semantic weight that keeps the [CLS] term's size relative to redundancy when
+    a block has ``num_tokens`` tokens (its attention probabilities are about ``577 / num_tokens`` times ViT-B's)."""
+    return alpha * num_tokens / ALPHA_TUNED_TOKENS
 
 
 def semantic_weight(alpha: float, beta: float, gamma: float, layer: int) -> float:

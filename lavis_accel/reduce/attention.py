@@ -17,10 +17,17 @@ def cls_attention_row(
 
     ``q``, ``k`` are ``[B, H, T, D]``; ``bias`` broadcasts to ``[B, H, 1, T]``.
     """
-    logits = (q[:, :, :1] @ k.transpose(-2, -1)) * scale
+    return attention_probs(q[:, :, :1], k, scale, bias).mean(dim=1)[:, 0]
+
+
+def attention_probs(
+    q: torch.Tensor, k: torch.Tensor, scale: float, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``softmax(q k^T * scale + bias)`` over the keys, ``[B, H, Tq, Tk]``."""
+    logits = (q @ k.transpose(-2, -1)) * scale
     if bias is not None:
         logits = logits + bias
-    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+    return logits.softmax(dim=-1)
 
 
 def attention(
@@ -56,9 +63,6 @@ def eager_attention(
     Returns ``(out [B, H, T, D], probs [B, H, T, T] before dropout, cls_probs [B, H, T])``: ``cls_probs`` is the
     [CLS] query's row after dropout, the one that weighted the values (as in the reference code).
     """
-    logits = (q @ k.transpose(-2, -1)) * scale
-    if bias is not None:
-        logits = logits + bias.to(q.dtype)
-    probs = logits.softmax(dim=-1)
+    probs = attention_probs(q, k, scale, None if bias is None else bias.to(q.dtype))
     dropped = F.dropout(probs, dropout_p) if dropout_p > 0 else probs
     return dropped @ v, probs, dropped[:, :, 0]

@@ -2,18 +2,30 @@
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 
 CLI = [sys.executable, "-m", "lavis_accel.cli"]
 
 
-def run_cli(*argv, launcher=(), env=None):
-    """Run ``lavis_accel.cli ARGV`` (under ``launcher``, e.g. torchrun), assert it succeeded; its output."""
+def run_cli(*argv, launcher=(), env=None, timeout=None):
+    """Run ``lavis_accel.cli ARGV`` (under ``launcher``, e.g. torchrun), assert it succeeded; its output.
+
+    ``timeout`` (seconds): a job still running then is killed with all its processes and the test fails with its
+    output, instead of hanging the suite.
+    """
     command = [*launcher, *CLI[1:]] if launcher else CLI
-    result = subprocess.run([*command, *argv], capture_output=True, text=True, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
+    process = subprocess.Popen([*command, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"{' '.join(argv)} still ran after {timeout} s:\n{stdout[-3000:]}{stderr[-3000:]}")
+    assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout + stderr
 
 
 def job_dir(output_dir):

@@ -26,6 +26,7 @@ TWO_PROCESSES = {"distributed": True, "world_size": 2, "dist_url": "env://"}
 RECALLS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10")
 # Gloo's sockets on the loopback interface too (it would otherwise take the address the host name resolves to).
 LOOPBACK = {"GLOO_SOCKET_IFNAME": "lo"} if os.path.exists("/sys/class/net/lo") else {}
+JOB_TIMEOUT = 900  # seconds: a job takes about a minute; a hung rank fails the test instead of the whole suite
 
 
 def free_loopback_port():
@@ -41,7 +42,7 @@ def run_cli_processes(nproc, *argv):
     if nproc:
         launcher = (sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
                     "--master_addr", "127.0.0.1", "--master_port", str(free_loopback_port()))
-    return run_cli(*argv, launcher=launcher, env={**os.environ, **LOOPBACK})
+    return run_cli(*argv, launcher=launcher, env={**os.environ, **LOOPBACK}, timeout=JOB_TIMEOUT)
 
 
 @pytest.fixture(scope="module")

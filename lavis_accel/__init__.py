@@ -11,7 +11,7 @@ compat.ensure_torchvision_importable()
 from lavis_accel import registration  # noqa: E402
 from lavis_accel import processors  # noqa: E402,F401  (registers the reducers)
 from lavis_accel import models  # noqa: E402,F401  (registers the models and config extensions)
-from lavis_accel import tasks  # noqa: E402,F401  (registers the MADTP training tasks)
+from lavis_accel import tasks  # noqa: E402,F401  (registers the MADTP and CrossGET training tasks)
 from lavis_accel import runner_state  # noqa: E402
 
 compat.enable_cpu_runner()

@@ -101,32 +101,47 @@ def check_reducer_block(model_cfg):
             raise SettingError(f"model.reducer: {model_cfg.arch} has no token-reduction binding{hint}")
         return
     if reducer_cfg is not None:
-        _check_madtp_binding(model_cfg.arch, model_cls, build_reducer(reducer_cfg).reducer_name)
+        _check_method_binding(model_cfg.arch, model_cls, build_reducer(reducer_cfg).reducer_name)
+
+
+def _method_classes():
+    """The reducers that need a variant of their own (parameters the method trains), with the variants' mixin."""
+    from lavis_accel.models.crossget_model import CrossGetModel
+    from lavis_accel.models.madtp_model import MadtpModel
+
+    return {"madtp": MadtpModel, "crossget": CrossGetModel}
+
+
+def _runs(cls, reducer_name) -> bool:
+    """Whether variant class ``cls`` runs a ``reducer_name`` block: a method's variants run that method only, the
+    other variants (ToMe/Turbo) the reducers without parameters."""
+    methods = _method_classes()
+    own = [name for name, mixin in methods.items() if issubclass(cls, mixin)]
+    return own == [reducer_name] if own else reducer_name not in methods
 
 
 def _variants(lavis_class, reducer_name):
-    """The registered variants of ``lavis_class`` that run a ``reducer_name`` block (MADTP ones run madtp only)."""
-    from lavis_accel.models.madtp_model import MadtpModel
+    """The registered variants of ``lavis_class`` that run a ``reducer_name`` block."""
     from lavis_accel.models.reduced import ReducedModel
 
     return [name for name, cls in registry.mapping["model_name_mapping"].items()
-            if issubclass(cls, ReducedModel) and issubclass(cls, lavis_class)
-            and issubclass(cls, MadtpModel) == (reducer_name == "madtp")]
+            if issubclass(cls, ReducedModel) and issubclass(cls, lavis_class) and _runs(cls, reducer_name)]
 
 
-def _check_madtp_binding(arch, model_cls, reducer_name):
-    """A madtp block needs a MADTP variant (codebook, saved tau), and a MADTP variant a madtp block."""
-    from lavis_accel.models.madtp_model import MadtpModel
+def _check_method_binding(arch, model_cls, reducer_name):
+    """A madtp (crossget) block needs a MADTP (CrossGET) variant, and such a variant its own method's block."""
     from lavis_accel.models.reduced import ReducedModel
 
-    if issubclass(model_cls, MadtpModel) and reducer_name != "madtp":
-        raise SettingError(f"model.reducer: {arch} takes a madtp block (name: madtp, temperature), "
-                           f"not {reducer_name!r}")
-    if reducer_name == "madtp" and not issubclass(model_cls, MadtpModel):
-        lavis_parent = next(base for base in model_cls.__mro__ if not issubclass(base, ReducedModel))
-        variants = _variants(lavis_parent, reducer_name)
-        hint = f": use {' or '.join(variants)}" if variants else ""
-        raise SettingError(f"model.reducer: {arch} has no MADTP binding{hint}")
+    if _runs(model_cls, reducer_name):
+        return
+    own = [name for name, mixin in _method_classes().items() if issubclass(model_cls, mixin)]
+    if own:
+        raise SettingError(f"model.reducer: {arch} takes a {own[0]} block, not {reducer_name!r}")
+    lavis_parent = next(base for base in model_cls.__mro__ if not issubclass(base, ReducedModel))
+    variants = _variants(lavis_parent, reducer_name)
+    hint = f": use {' or '.join(variants)}" if variants else ""
+    method = {"madtp": "MADTP", "crossget": "CrossGET"}[reducer_name]
+    raise SettingError(f"model.reducer: {arch} has no {method} binding{hint}")
 
 
 def _as_list(value):

@@ -77,10 +77,12 @@ def _known_at(cfg, path):
 
 def known_reducer_keys():
     """Every setting a ``reducer:`` block can hold, whichever reducer it names (the reducer checks its own)."""
+    from lavis_accel.patch.crossget import KNOWN_SETTINGS as CROSSGET_SETTINGS
     from lavis_accel.patch.madtp import KNOWN_SETTINGS as MADTP_SETTINGS
     from lavis_accel.reduce.settings import ReducerSettings
 
-    return {field.name for field in dataclasses.fields(ReducerSettings)} | set(MADTP_SETTINGS)
+    return ({field.name for field in dataclasses.fields(ReducerSettings)} | set(MADTP_SETTINGS)
+            | set(CROSSGET_SETTINGS))
 
 
 def config_without_options(user, merged):

@@ -6,9 +6,13 @@
 - ``optional_pretrained``: ``load_pretrained: False`` builds a model without loading a checkpoint.
 - ``blip_turbo``: the registered ``blip_<task>_turbo`` variants (LAVIS parent + Turbo/ToMe reducer).
 - ``blip_madtp``: the registered ``blip_<task>_madtp`` variants (LAVIS parent + ``madtp_model.MadtpModel``).
+- ``blip_crossget``: the registered ``blip_<task>_crossget`` variants (LAVIS parent + ``crossget_model.CrossGetModel``).
 - ``clip_madtp``: the registered ``clip_madtp`` (LAVIS's CLIP + ``MadtpModel`` + per-block query projections).
+- ``clip_crossget``: the registered ``clip_crossget`` (LAVIS's CLIP + ``CrossGetModel``'s cross-token offsets).
 """
 from lavis_accel.models import clip_types, eva_types, optional_pretrained, vit_types  # noqa: F401
 from lavis_accel.models import blip_turbo  # noqa: F401,E402  (after vit_types: the variants build tiny ViTs too)
 from lavis_accel.models import blip_madtp  # noqa: F401,E402
+from lavis_accel.models import blip_crossget  # noqa: F401,E402
 from lavis_accel.models import clip_madtp  # noqa: F401,E402  (after clip_types: it builds the tiny CLIP type too)
+from lavis_accel.models import clip_crossget  # noqa: F401,E402  (after clip_types, as clip_madtp)

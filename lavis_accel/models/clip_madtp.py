@@ -24,10 +24,10 @@ image [CLS], the text EOT), so batches pruned to different token counts concaten
 from typing import List, Tuple
 
 import torch
-from lavis.models.clip_models.model import CLIP
 from torch import nn
 
 from lavis_accel.configs import packaged_config
+from lavis_accel.models.adopted_clip import AdoptedClip
 from lavis_accel.models.clip_types import TINY_CLIP_TYPE
 from lavis_accel.models.madtp_model import CODEBOOK, MadtpModel
 from lavis_accel.patch import clip as clip_binding
@@ -35,23 +35,6 @@ from lavis_accel.patch import madtp as madtp_patch
 from lavis_accel.registration import register_model
 
 QUERY_PREFIXES = (f"{clip_binding.IMAGE_QUERIES_ATTR}.", f"{clip_binding.TEXT_QUERIES_ATTR}.")
-
-
-class AdoptedClip(CLIP):
-    """LAVIS's ``CLIP`` whose subclasses take over the instance LAVIS builds (see the module docstring)."""
-
-    def __init__(self, *args, adopted: bool = False, **kwargs):
-        if not adopted:  # an adopted instance is a fully built CLIP already
-            super().__init__(*args, **kwargs)
-
-    @classmethod
-    def from_config(cls, cfg=None):
-        model = super().from_config(cfg)
-        model.__class__ = cls
-        cls.__init__(model, adopted=True)
-        if cfg.get("finetuned") and cfg.get("load_finetuned", True):
-            model.load_checkpoint_from_config(cfg)
-        return model
 
 
 @register_model("clip_madtp")

@@ -1,10 +1,11 @@
-"""One-line token reduction for a LAVIS model or bare BLIP ViT (``madtp`` also on LAVIS's CLIP).
+"""One-line token reduction for a LAVIS model or bare BLIP ViT (``madtp`` and ``crossget`` also on LAVIS's CLIP).
 
     model = lavis_accel.apply(model, "turbo", r=30, alpha=5)                 # in place, per instance; returns model
     model = lavis_accel.apply(model, "madtp", temperature=1.0, codebook=C)   # C optional: [codes, width]
+    model = lavis_accel.apply(model, "crossget", rv=16, rl=0)                # merges per image / text block
     lavis_accel.remove(model)                                                # back to stock LAVIS
 """
-from lavis_accel.patch import clip, madtp
+from lavis_accel.patch import clip, crossget, madtp
 from lavis_accel.patch.med import remove as remove_med
 from lavis_accel.patch.vit import current_settings, is_patched, token_counts  # noqa: F401
 from lavis_accel.patch.vit import apply_settings
@@ -17,10 +18,12 @@ def apply(model, name: str, **settings):
 
     ``tome``/``turbo``: the settings of a ``reducer:`` block (``r``, ``alpha``, ``beta``, ``gamma``, ``threshold``,
     ``prop_attn``), unset ones taking the reducer's defaults. ``madtp``: ``temperature`` (0 prunes nothing) and an
-    optional ``codebook``. Applying again replaces all settings.
+    optional ``codebook``. ``crossget``: ``rv``, ``rl``, ``eot_guard``. Applying again replaces all settings.
     """
     if name == "madtp":
         return madtp.apply(model, **settings)
+    if name == "crossget":
+        return crossget.apply(model, **settings)
     model = apply_settings(model, ReducerSettings.from_config({"name": name, **settings}))
     _remove_text(model)  # ToMe/Turbo reduce the ViT only
     return model

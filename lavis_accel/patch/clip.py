@@ -9,7 +9,8 @@ opens the image tower's forward, and the model gets an ``encode_text`` (below). 
 keys stay LAVIS's.
 
 Attention is computed from ``attn.in_proj_weight``/``in_proj_bias`` and leaves through ``attn.out_proj``, by SDPA
-unless the step asks for the probabilities (then eagerly, ``reduce.attention.eager_attention``).
+unless the step asks for the probabilities (then eagerly, ``reduce.attention.eager_attention``) or for the
+reference's op order (``reduce.attention.reference_order_attention``: CrossGET, whose merges hinge on last bits).
 
 The text tower. Stock CLIP adds a fixed ``77 x 77`` causal mask and pools the token at ``text.argmax(-1)`` of the
 token ids, the EOT's position before any pruning. Here:
@@ -37,7 +38,7 @@ from lavis_accel.errors import SettingError
 from lavis_accel.patch.instance_patches import InstancePatches
 from lavis_accel.patch.steps import AttentionNeeds, AttentionSeen, MadtpControl, MadtpStep
 from lavis_accel.reduce import madtp
-from lavis_accel.reduce.attention import attention, eager_attention
+from lavis_accel.reduce.attention import attention, eager_attention, reference_order_attention
 
 STATE_ATTR = "_lavis_accel"
 SLOT_ATTR = "_lavis_accel_slot"
@@ -59,10 +60,10 @@ class TowerState:
         self.valid = None
         self.token_counts = []
 
-    def begin(self, num_tokens: int, valid: Optional[torch.Tensor] = None):
+    def begin(self):
         self.step.start_forward()
-        self.valid = valid
-        self.token_counts = [num_tokens]
+        self.valid = None
+        self.token_counts = []
 
 
 class ClipReductionState:
@@ -83,8 +84,8 @@ class ClipSteps(NamedTuple):
 class EotMadtpStep(MadtpStep):
     """MADTP in CLIP's text tower: as ``MadtpStep``, with the EOT never pruned nor fused and its index tracked.
 
-    The binding sets ``eot`` (``[B]`` indices into the sequence, [SOT] at 0) after ``start_forward``; ``reduce``
-    keeps it pointing at the EOT. The batch-wide K is the reference's count of tokens above the threshold; the EOT
+    ``start_text`` sets ``eot`` (``[B]`` indices into the sequence, [SOT] at 0) and hides the padding after it;
+    ``reduce`` keeps ``eot`` pointing at the EOT. The batch-wide K is the reference's count of tokens above the threshold; the EOT
     ranks first, so it always holds one of the K places (when it is not above the threshold itself, the weakest
     token that is goes into the fused token instead). In CLIP's causal text the [SOT] row attends to itself only,
     so ``I_cls`` is 0, as in the reference.
@@ -93,6 +94,11 @@ class EotMadtpStep(MadtpStep):
     def start_forward(self):
         super().start_forward()
         self.eot = None
+
+    def start_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Take the token ids ``[B, L]`` of the forward; the real-token mask (up to the EOT) the tower applies."""
+        self.eot = text.argmax(dim=-1)
+        return torch.arange(text.shape[1], device=text.device) <= self.eot[:, None]
 
     def reduce(self, index: int, x: torch.Tensor, seen: AttentionSeen, valid=None):
         temperature = self.control.temperature
@@ -122,10 +128,11 @@ def is_clip(model) -> bool:
 def apply_steps(model, image_step, text_step):
     """Patch both towers of ``model`` (a LAVIS CLIP with a ViT image tower) with the steps; return ``model``.
 
-    ``text_step`` must track the EOT like ``EotMadtpStep``. Applying again only replaces the steps.
+    ``text_step`` must track the EOT (``start_text``, ``eot``) like ``EotMadtpStep``. Applying again only replaces
+    the steps.
     """
-    _check_clip(model)
-    if not hasattr(text_step, "eot"):
+    check_clip(model)
+    if not hasattr(text_step, "start_text"):
         raise SettingError(f"step {type(text_step).__name__} does not track the EOT: it cannot reduce CLIP's text")
     state = getattr(model, STATE_ATTR, None)
     if state is not None:
@@ -173,7 +180,7 @@ def token_counts(model) -> Dict[str, List[int]]:
     return {"image": list(state.image.token_counts), "text": list(state.text.token_counts)}
 
 
-def _check_clip(model):
+def check_clip(model):
     if not is_clip(model):
         raise SettingError(f"{type(model).__name__} is not a LAVIS CLIP (lavis.models.clip_models.model.CLIP)")
     if not isinstance(model.visual, VisualTransformer):
@@ -205,7 +212,7 @@ def apply_madtp(model, control: MadtpControl):
     parameters, so they are neither trained nor saved, are drawn anew by every apply and go away with ``remove``.
     The image tower keeps MADTP's CLIP guard (``K <= 1``: no pruning).
     """
-    _check_clip(model)
+    check_clip(model)
     width = control.codebook.shape[1]
     image_queries = _queries(model, IMAGE_QUERIES_ATTR, model.visual.transformer, width)
     text_queries = _queries(model, TEXT_QUERIES_ATTR, model.transformer, width)
@@ -231,7 +238,7 @@ def _queries(model, attr: str, transformer, width: int) -> nn.ModuleList:
 def _opening_visual_forward(visual, image):
     """LAVIS's ``VisualTransformer.forward``, opening the image tower's forward first."""
     state: ClipReductionState = getattr(visual, SLOT_ATTR)
-    state.image.begin(visual.positional_embedding.shape[0])
+    state.image.begin()
     return state.patches.original(visual, "forward")(image)
 
 
@@ -239,10 +246,8 @@ def _encode_text_at_tracked_eot(model, text):
     """CLIP's text features, pooled at the EOT's tracked index (see the module docstring)."""
     state: ClipReductionState = getattr(model, STATE_ATTR)
     tower = state.text
-    eot = text.argmax(dim=-1)
-    valid = torch.arange(text.shape[1], device=text.device) <= eot[:, None]
-    tower.begin(text.shape[1], valid)
-    tower.step.eot = eot
+    tower.begin()
+    tower.valid = tower.step.start_text(text)
     x = model.token_embedding(text) + model.positional_embedding
     x = model.transformer(x.transpose(0, 1)).transpose(0, 1)
     x = model.ln_final(x)
@@ -258,6 +263,9 @@ def _reducing_block_forward(block, x, attn_mask=None):
     tower, index = getattr(block, SLOT_ATTR)
     x = x.transpose(0, 1)
     step = tower.step
+    x, tower.valid = step.enter(index, x, tower.valid)
+    if index == 0:
+        tower.token_counts.append(x.shape[1])
     needs: AttentionNeeds = step.needs(index, x, tower.valid)
     bias = _tower_bias(tower, x)
     if needs.bias is not None:
@@ -292,10 +300,16 @@ def _attention(attn: nn.MultiheadAttention, x: torch.Tensor, bias, needs: Attent
     q, k, v = qkv.reshape(batch, tokens, 3, heads, channels // heads).permute(2, 0, 3, 1, 4).unbind(0)
     scale = (channels // heads) ** -0.5
     dropout_p = attn.dropout if attn.training else 0.0
-    if needs.probs:
+    queries = keys = None
+    if needs.projections:
+        queries, keys = (qkv[:, :, i * channels:(i + 1) * channels] for i in (0, 1))
+    if needs.reference_order:
+        out = reference_order_attention(q, k, v, bias, dropout_p)
+        seen = AttentionSeen(k.mean(dim=1), queries=queries, projected_keys=keys)
+    elif needs.probs:
         out, probs, cls_probs = eager_attention(q, k, v, scale, bias, dropout_p)
-        seen = AttentionSeen(k.mean(dim=1), None, probs, cls_probs, out)
+        seen = AttentionSeen(k.mean(dim=1), None, probs, cls_probs, out, queries, keys)
     else:
         out, cls_row = attention(q, k, v, scale, bias, dropout_p, needs.cls_row)
-        seen = AttentionSeen(k.mean(dim=1), cls_row)
+        seen = AttentionSeen(k.mean(dim=1), cls_row, queries=queries, projected_keys=keys)
     return attn.out_proj(out.transpose(1, 2).reshape(batch, tokens, channels)), seen

@@ -4,10 +4,11 @@ Covered: ``lavis.models.med.BertModel`` (its subclass ``XBertEncoder``: retrieva
 multimodal ITM pass, VQA's ``forward_automask``) and the NLVR2 ``BertModel`` of
 ``lavis.models.blip_models.nlvr_encoder`` (twin cross-attention over two images).
 
-Only instance attributes change, and only two kinds: each layer's self-attention block (``layer.attention``, a
+Only instance attributes change, and only three kinds: each layer's self-attention block (``layer.attention``, a
 ``BertAttention``: attention, output dense, residual LayerNorm) gets an instance-level ``forward`` that runs the
-attention the step asks for and then the step, and the model's ``get_extended_attention_mask`` gets an
-instance-level wrapper that opens each forward. The layer's own LAVIS forward then carries on, unchanged, with its
+attention the step asks for and then the step, the model's ``get_extended_attention_mask`` gets an
+instance-level wrapper that opens each forward, and its ``encoder.forward`` one that starts the step when the
+forward's ``mode`` is one the step reduces (``step.text_modes``). The layer's own LAVIS forward then carries on, unchanged, with its
 cross-attention (one image, or NLVR2's two) and feed-forward on the reduced tokens: so the step sits after
 self-attention and before cross-attention, and one forward serves both BERT flavours and every step. Classes,
 parameters and state-dict keys stay LAVIS's.
@@ -71,9 +72,8 @@ class TextReductionState:
         self.token_counts = []
 
     def open_forward(self, training: bool, input_mask: torch.Tensor, extended: torch.Tensor, is_decoder: bool):
-        """Start a forward: reduce it when it is an encoder pass with a 2-D padding mask."""
+        """Open a forward: it is reduced when it is an encoder pass with a 2-D padding mask (and ``start`` agrees)."""
         self.close_forward()
-        self.step.start_forward()
         self.input_mask = input_mask
         if is_decoder or input_mask.dim() != 2:
             return
@@ -82,7 +82,18 @@ class TextReductionState:
                                "(it would recompute a reducing layer): set encoder.gradient_checkpointing = False")
         self.opened = self.mask = extended
         self.valid = extended[:, 0, 0, :] == 0
-        self.token_counts = [extended.shape[-1]]
+        self.token_counts = []
+
+    def start(self, mode: str):
+        """The encoder of an opened forward starts: start the step, or run stock when it does not reduce ``mode``."""
+        if self.opened is None:
+            return
+        modes = self.step.text_modes
+        if modes is not None and mode not in modes:
+            self.opened = None
+            self.token_counts = []
+            return
+        self.step.start_forward()
 
     def reduces(self, attention_mask, past_key_value) -> bool:
         """Whether a layer called with these arguments belongs to the forward being reduced."""
@@ -90,14 +101,18 @@ class TextReductionState:
 
     def advance(self, tokens: torch.Tensor, valid: torch.Tensor):
         """Take a layer's reduced tokens' ``valid`` mask; rebuild the extended mask when the length changed."""
+        self.take(tokens, valid)
+        self.token_counts.append(tokens.shape[1])
+
+    def take(self, tokens: torch.Tensor, valid: torch.Tensor):
+        """The tokens' current ``valid`` mask; the extended mask is rebuilt when the length or the mask changed."""
         if valid.shape[1] != tokens.shape[1]:
             raise SettingError(f"step {type(self.step).__name__} changed the text length without its mask: "
                                "it cannot reduce text tokens")
-        if tokens.shape[1] != self.valid.shape[1]:
-            self.pruned = True
+        if valid is not self.valid:
+            self.pruned = self.pruned or tokens.shape[1] != self.input_mask.shape[1]
             self.mask = (1.0 - valid[:, None, None, :].to(self.mask.dtype)) * MASKED
         self.valid = valid
-        self.token_counts.append(tokens.shape[1])
 
 
 def is_text_encoder(module) -> bool:
@@ -118,6 +133,8 @@ def apply_step(bert, step):
         return bert
     state = TextReductionState(step, bert.encoder)
     state.patches.set(bert, MASK_METHOD, types.MethodType(_opening_extended_mask, bert))
+    state.patches.set(bert.encoder, "forward", types.MethodType(_starting_encoder_forward, bert.encoder))
+    setattr(bert.encoder, SLOT_ATTR, state)
     for index, layer in enumerate(bert.encoder.layer):
         setattr(layer.attention, SLOT_ATTR, (state, index))
         state.patches.set(layer.attention, "forward", types.MethodType(_reducing_self_attention, layer.attention))
@@ -131,8 +148,8 @@ def remove(bert):
     if state is None:
         return bert
     state.patches.restore()
-    for layer in bert.encoder.layer:
-        delattr(layer.attention, SLOT_ATTR)
+    for module in (bert.encoder, *(layer.attention for layer in bert.encoder.layer)):
+        delattr(module, SLOT_ATTR)
     delattr(bert, STATE_ATTR)
     return bert
 
@@ -187,6 +204,13 @@ def _opening_extended_mask(bert, attention_mask, input_shape, device, is_decoder
     return extended
 
 
+def _starting_encoder_forward(encoder, *args, mode="multimodal", **kwargs):
+    """LAVIS's ``BertEncoder.forward``, starting the step first when it reduces this forward's ``mode``."""
+    state = getattr(encoder, SLOT_ATTR)
+    state.start(mode)
+    return state.patches.original(encoder, "forward")(*args, mode=mode, **kwargs)
+
+
 def _reducing_self_attention(block, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
                              encoder_attention_mask=None, past_key_value=None, output_attentions=False):
     """A layer's self-attention ``BertAttention`` followed by the step; stock when the forward is not reduced.
@@ -198,6 +222,10 @@ def _reducing_self_attention(block, hidden_states, attention_mask=None, head_mas
         stock = state.patches.original(block, "forward")
         return stock(hidden_states, attention_mask, head_mask, encoder_hidden_states, encoder_attention_mask,
                      past_key_value, output_attentions)
+    hidden_states, valid = state.step.enter(index, hidden_states, state.valid)
+    state.take(hidden_states, valid)
+    if index == 0:
+        state.token_counts = [hidden_states.shape[1]]
     needs: AttentionNeeds = state.step.needs(index, hidden_states, state.valid)
     bias = state.mask if needs.bias is None else state.mask + needs.bias
     context, probs, seen, present = _self_attention(block.self, hidden_states, bias, head_mask, needs,
@@ -214,7 +242,8 @@ def _self_attention(attn, hidden_states, bias, head_mask, needs: AttentionNeeds,
     Returns ``(context [B, L, H * D], probabilities [B, H, L, L] or None, AttentionSeen, (keys, values))``, the
     probabilities (before dropout) computed only when the step or ``output_attentions`` asks for them.
     """
-    q, k, v = (attn.transpose_for_scores(linear(hidden_states)) for linear in (attn.query, attn.key, attn.value))
+    projected = [linear(hidden_states) for linear in (attn.query, attn.key, attn.value)]
+    q, k, v = (attn.transpose_for_scores(p) for p in projected)
     scale = attn.attention_head_size ** -0.5
     dropout_p = attn.dropout.p if attn.training else 0.0
     probs = cls_row = None
@@ -228,8 +257,9 @@ def _self_attention(attn, hidden_states, bias, head_mask, needs: AttentionNeeds,
         heads = heads * head_mask
     batch, num_heads, length, head_size = heads.shape
     context = heads.transpose(1, 2).reshape(batch, length, num_heads * head_size)
+    queries, keys = projected[:2] if needs.projections else (None, None)
     if needs.probs:
-        seen = AttentionSeen(k.mean(dim=1), cls_row, probs, probs[:, :, 0], heads)
+        seen = AttentionSeen(k.mean(dim=1), cls_row, probs, probs[:, :, 0], heads, queries, keys)
     else:
-        seen = AttentionSeen(k.mean(dim=1), cls_row)
+        seen = AttentionSeen(k.mean(dim=1), cls_row, queries=queries, projected_keys=keys)
     return context, probs, seen, (k, v)

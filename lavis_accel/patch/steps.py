@@ -2,6 +2,7 @@
 
 One patched block forward (per module family: BLIP ViT, ``med`` BERT, CLIP) serves every method:
 
+    x, valid = step.enter(index, x, valid)       # a method's extra token (CrossGET's cross token), else as is
     needs = step.needs(index, x, valid)          # what attention must hand over (and the bias it must add)
     seen = <attention computing only that>        # AttentionSeen
     x = x + attention output
@@ -29,6 +30,8 @@ class AttentionNeeds(NamedTuple):
     bias: Optional[torch.Tensor] = None  # additive logits bias broadcasting to [B, H, T, T] (proportional attention)
     cls_row: bool = False  # head-mean [CLS] probabilities [B, T] (Turbo)
     probs: bool = False  # full probabilities, the [CLS] row per head and per-head outputs (MADTP)
+    projections: bool = False  # the projected queries and keys, heads concatenated (CrossGET)
+    reference_order: bool = False  # eager attention in the reference's op order, bit for bit (CrossGET on CLIP)
 
 
 class AttentionSeen(NamedTuple):
@@ -39,9 +42,25 @@ class AttentionSeen(NamedTuple):
     probs: Optional[torch.Tensor] = None  # [B, H, T, T], before dropout
     cls_probs: Optional[torch.Tensor] = None  # [B, H, T], [CLS] row after dropout
     head_outputs: Optional[torch.Tensor] = None  # [B, H, T, D], per-head attention outputs before the projection
+    queries: Optional[torch.Tensor] = None  # [B, T, C], projected queries (with bias, unscaled), heads concatenated
+    projected_keys: Optional[torch.Tensor] = None  # [B, T, C], projected keys, heads concatenated
 
 
-class MergingStep:
+class ReductionStep:
+    """The hooks every step has; a method overrides what it uses. ``text_modes``: the ``med`` BERT passes the step
+    reduces (``None``: all of them; BLIP's ``mode`` argument: ``"text"``, ``"multimodal"``, ``"fusion"``)."""
+
+    text_modes: Optional[tuple] = None
+
+    def start_forward(self):
+        """A new forward of the tower begins (before block 0)."""
+
+    def enter(self, index: int, x: torch.Tensor, valid=None):
+        """Before block ``index``'s attention: the tokens (and text mask) the block runs on."""
+        return x, valid
+
+
+class MergingStep(ReductionStep):
     """ToMe / Turbo: merge ``r`` tokens per block by (informativity-driven) bipartite matching, sizes, log-size bias."""
 
     def __init__(self, settings: ReducerSettings, depth: int):
@@ -93,7 +112,7 @@ class MadtpControl:
         self.temperature = float(temperature)
 
 
-class MadtpStep:
+class MadtpStep(ReductionStep):
     """MADTP in one tower: codebook similarity of the block input, the three importances, keep top-K + fuse.
 
     ``projections`` (CLIP) maps block ``i``'s tokens to the codebook width first; BLIP uses none. The code-pooled

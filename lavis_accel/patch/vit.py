@@ -41,15 +41,15 @@ class ReductionState:
     def __init__(self, step, settings=None):
         self.patches = InstancePatches()
         self.configure(step, settings)
-        self.token_counts = [0]
+        self.token_counts = []
 
     def configure(self, step, settings=None):
         self.step = step
         self.settings = settings
 
-    def start_forward(self, num_tokens: int):
+    def start_forward(self):
         self.step.start_forward()
-        self.token_counts = [num_tokens]
+        self.token_counts = []
 
 
 def find_vit(model) -> VisionTransformer:
@@ -138,7 +138,8 @@ def _reducing_attention_callable(attn: Attention):
     return types.MethodType(_reducing_attention_forward, attn)
 
 
-def _reducing_attention_forward(attn: Attention, x, bias=None, need_cls_row=False, need_probs=False):
+def _reducing_attention_forward(attn: Attention, x, bias=None, need_cls_row=False, need_probs=False,
+                                need_projections=False):
     """LAVIS ``Attention`` with an additive ``bias``, plus what the step asked for (``AttentionSeen`` fields).
 
     SDPA unless the full probabilities are needed. Returns a plain tuple ``(out, *AttentionSeen)`` (fairscale's
@@ -148,24 +149,29 @@ def _reducing_attention_forward(attn: Attention, x, bias=None, need_cls_row=Fals
     qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, channels // attn.num_heads)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     dropout_p = attn.attn_drop.p if attn.training else 0.0
-    probs = cls_probs = head_outputs = cls_row = None
+    probs = cls_probs = head_outputs = cls_row = queries = keys = None
+    if need_projections:
+        queries, keys = (qkv[:, :, i].reshape(batch, tokens, channels) for i in (0, 1))
     if need_probs:
         heads, probs, cls_probs = eager_attention(q, k, v, attn.scale, bias, dropout_p)
         head_outputs = heads
     else:
         heads, cls_row = attention(q, k, v, attn.scale, bias, dropout_p, need_cls_row)
     out = attn.proj_drop(attn.proj(heads.transpose(1, 2).reshape(batch, tokens, channels)))
-    return out, k.mean(dim=1), cls_row, probs, cls_probs, head_outputs
+    return out, k.mean(dim=1), cls_row, probs, cls_probs, head_outputs, queries, keys
 
 
 def _reducing_block_forward(block: Block, x, register_hook=False):
     """LAVIS ``Block`` with the step between attention and MLP; ``register_hook`` (Grad-CAM) is accepted, unused."""
     state, index = block._lavis_accel_slot
-    if index == 0:
-        state.start_forward(x.shape[1])
     step = state.step
+    if index == 0:
+        state.start_forward()
+    x, _ = step.enter(index, x)
+    if index == 0:
+        state.token_counts.append(x.shape[1])
     needs: AttentionNeeds = step.needs(index, x)
-    out, *seen = block.attn(block.norm1(x), needs.bias, needs.cls_row, needs.probs)
+    out, *seen = block.attn(block.norm1(x), needs.bias, needs.cls_row, needs.probs, needs.projections)
     x = x + block.drop_path(out)
     x, _ = step.reduce(index, x, AttentionSeen(*seen))
     state.token_counts.append(x.shape[1])

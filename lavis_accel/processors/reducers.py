@@ -1,4 +1,4 @@
-"""Token reducers as LAVIS processors: ``tome``, ``turbo`` and ``madtp``, built from a ``reducer:`` config block.
+"""Token reducers as LAVIS processors: ``tome``, ``turbo``, ``madtp`` and ``crossget``, built from a ``reducer:`` config block.
 
 A reducer processor is called on a model and returns it patched in place, so a model's ``from_config`` can end
 with ``build_reducer(cfg.reducer)(model)``.
@@ -8,6 +8,7 @@ from lavis.processors.base_processor import BaseProcessor
 
 from lavis_accel.errors import SettingError
 from lavis_accel.models.madtp_model import START_TEMPERATURE, MadtpModel
+from lavis_accel.patch import crossget as crossget_patch
 from lavis_accel.patch import madtp as madtp_patch
 from lavis_accel.patch.vit import apply_settings
 from lavis_accel.reduce.settings import TURBO_ONLY, ReducerSettings, plain_config
@@ -83,6 +84,34 @@ class MadtpReducer(TokenReducer):
         unknown = sorted(set(values) - {"temperature"})
         if unknown:
             raise SettingError(f"reducer setting {unknown[0]!r} is not known for 'madtp': use temperature")
+        return cls(**values)
+
+
+@register_processor("crossget")
+class CrossGetReducer(TokenReducer):
+    """CrossGET: cross-guided complete-graph merging, ``rv`` merges per image block and ``rl`` per text block
+    (``reducer: {name: crossget, rv: 16, rl: 0}``; ``eot_guard`` for CLIP's text). The settings are checked against
+    the model's towers when it is applied (``patch.crossget.apply``); a CrossGET variant's own offsets are used."""
+
+    reducer_name = "crossget"
+
+    def __init__(self, **settings):
+        BaseProcessor.__init__(self)
+        unknown = sorted(set(settings) - set(crossget_patch.KNOWN_SETTINGS))
+        if unknown:
+            raise SettingError(f"reducer setting {unknown[0]!r} is not known for 'crossget': use "
+                               f"{', '.join(crossget_patch.KNOWN_SETTINGS)}")
+        self.settings = settings
+
+    def __call__(self, model):
+        return crossget_patch.apply(model, **self.settings)
+
+    @classmethod
+    def from_config(cls, cfg=None):
+        values = {} if cfg is None else plain_config(cfg)
+        name = values.pop("name", cls.reducer_name)
+        if name != cls.reducer_name:
+            raise SettingError(f"reducer name {name!r} given to the {cls.reducer_name!r} reducer")
         return cls(**values)
 
 

@@ -4,6 +4,7 @@ Proportional attention is an additive float mask (``log size`` per key), so the 
 Turbo needs the [CLS] query's attention probabilities: they are computed from that one query
 (``q_cls @ K^T``) with the same bias, never from the full ``T x T`` matrix.
 """
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -66,3 +67,29 @@ def eager_attention(
     probs = attention_probs(q, k, scale, None if bias is None else bias.to(q.dtype))
     dropped = F.dropout(probs, dropout_p) if dropout_p > 0 else probs
     return dropped @ v, probs, dropped[:, :, 0]
+
+
+def reference_order_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Attention in the op order of torch's (and CrossGET's mocked) eager multi-head attention: ``q / sqrt(d)``,
+    batched product over ``B * H``, ``+ bias``, softmax, dropout, product with ``v``. ``[B, H, T, D]`` in and out.
+
+    The result equals that code's bit for bit, where SDPA's differs in the last bits. A method whose discrete
+    decisions can hinge on such bits (CrossGET's ranking of near-equal similarities) uses it to decide as the
+    reference does.
+    """
+    batch, heads, tokens, width = q.shape
+    flat = batch * heads
+    logits = torch.bmm(q.reshape(flat, tokens, width) / math.sqrt(width),
+                       k.reshape(flat, -1, width).transpose(-2, -1))
+    if bias is not None:
+        logits = logits + bias.to(q.dtype).expand(batch, heads, tokens, -1).reshape(flat, tokens, -1)
+    probs = logits.softmax(dim=-1)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    return torch.bmm(probs, v.reshape(flat, -1, width)).reshape(batch, heads, tokens, width)

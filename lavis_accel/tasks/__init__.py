@@ -1,2 +1,3 @@
-"""The plugin's LAVIS tasks, registered by ``import lavis_accel``: MADTP's compression fine-tuning (``madtp``)."""
-from lavis_accel.tasks import madtp  # noqa: F401  (registers madtp_retrieval, madtp_captioning, madtp_vqa, ...)
+"""The plugin's LAVIS tasks, registered by ``import lavis_accel``: MADTP's compression fine-tuning (``madtp``) and
+CrossGET's fine-tuning with its cross-token loss (``crossget``)."""
+from lavis_accel.tasks import crossget, madtp  # noqa: F401  (registers crossget_retrieval, madtp_retrieval, ...)

@@ -19,6 +19,7 @@ from lavis.models.clip_models.model import CLIP
 from omegaconf import OmegaConf
 
 from lavis_accel.models.clip_types import TINY_CLIP_TYPE
+from lavis_accel.models.crossget_model import CrossGetModel
 from lavis_accel.configs import packaged_config
 from lavis_accel.models.vit_types import vit_type_size
 from lavis_accel.testing import hub
@@ -42,8 +43,13 @@ def _family(model_cls):
     raise ValueError(f"arch: no tiny configuration for {model_cls.__name__} (BLIP, BLIP-2 and CLIP families only)")
 
 
+def _tiny_clip_type(model_cls):
+    """The tiny CLIP type of a CLIP-family arch: its own ``TINY_MODEL_TYPE`` if it names one, else the shared one."""
+    return getattr(model_cls, "TINY_MODEL_TYPE", TINY_CLIP_TYPE)
+
+
 def _default_model_type(model_cls, family):
-    return TINY_CLIP_TYPE if family == "clip" else next(iter(model_cls.PRETRAINED_MODEL_CONFIG_DICT))
+    return _tiny_clip_type(model_cls) if family == "clip" else next(iter(model_cls.PRETRAINED_MODEL_CONFIG_DICT))
 
 
 def parent_config(arch, model_type=None):
@@ -70,7 +76,7 @@ def tiny_model_config(arch, model_type=None):
     parent = parent_config(arch, model_type)
     family = _family(registry.get_model_class(arch))
     if family == "clip":
-        return {"model_type": TINY_CLIP_TYPE, "pretrained": ""}
+        return {"model_type": _tiny_clip_type(registry.get_model_class(arch)), "pretrained": ""}
     tiny = {"load_finetuned": False, "load_pretrained": False, "image_size": TINY_IMAGE_SIZE}
     if family == "blip":
         tiny.update(vit_type=TINY_VIT_TYPE, med_config_path=TINY_MED_CONFIG, vit_ckpt_layer=_scaled_ckpt_layer(parent))
@@ -78,6 +84,8 @@ def tiny_model_config(arch, model_type=None):
             tiny.update(queue_size=TINY_QUEUE_SIZE)
         if "embed_dim" in parent:
             tiny.update(embed_dim=TINY_EMBED_DIM)
+        if issubclass(registry.get_model_class(arch), CrossGetModel):
+            tiny.update(vit_depth=_tiny_text_layers())  # CrossGET's loss pairs ViT blocks with text layers
     else:
         tiny.update(vit_model=TINY_EVA_VIT, num_query_token=TINY_NUM_QUERY_TOKEN)
         if "opt_model" in parent:
@@ -85,6 +93,11 @@ def tiny_model_config(arch, model_type=None):
         if "t5_model" in parent:
             tiny.update(t5_model=hub.TINY_T5_REPO)
     return tiny
+
+
+def _tiny_text_layers() -> int:
+    with open(TINY_MED_CONFIG, encoding="utf-8") as f:
+        return json.load(f)["num_hidden_layers"]
 
 
 def _check_offline_hub(family, cfg):

@@ -282,3 +282,18 @@ def test_eot_guard_keeps_merges_on_one_side_of_the_eot():
     assert all(max(g) <= 3 or min(g) > 3 for g in groups)  # nothing merges across the EOT ...
     assert {1, 2} in groups and {4} in groups  # ... so the words merge with each other, the pad stays alone
     assert step.eot.item() == 2 and groups[step.eot.item()] == {3}
+
+
+def test_reference_order_attention_is_scaled_query_eager_attention():
+    """``q / sqrt(d)``, bmm, + bias, softmax, bmm: the order of the reference's eager attention (its outputs then
+    equal the reference's bit for bit); the values are attention's, as SDPA computes them up to rounding."""
+    from lavis_accel.reduce.attention import reference_order_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, dtype=torch.float64) for _ in range(3))
+    bias = torch.randn(2, 1, 1, 5, dtype=torch.float64)
+    out = reference_order_attention(q, k, v, bias)
+    flat = [t.reshape(6, 5, 4) for t in (q, k, v)]
+    logits = torch.bmm(flat[0] / 2.0, flat[1].transpose(1, 2)) + bias.expand(2, 3, 5, 5).reshape(6, 5, 5)
+    assert torch.equal(out, torch.bmm(logits.softmax(-1), flat[2]).reshape(2, 3, 5, 4))
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=bias), rtol=0, atol=1e-12)

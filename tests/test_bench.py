@@ -240,6 +240,101 @@ def test_clip_is_benchmarked_on_its_image_tower_and_its_retrieval_step():
     assert parent["task"].startswith("clip retrieval") and pruned["task_gflops"] < parent["task_gflops"]
 
 
+def test_crossget_settings_cover_every_rv_and_rl_after_a_cross_token_baseline():
+    settings = bench_settings(["crossget"], [0, 4], None, rl_values=[0, 2])
+    assert [setting.label for setting in settings] == [
+        "parent (LAVIS)", "crossget rv=0 rl=0 (cross tokens, no merging)", "crossget rv=0 rl=2",
+        "crossget rv=4 rl=0", "crossget rv=4 rl=2"]
+    assert settings[4].reducer.as_dict() == {"rv": 4, "rl": 2, "eot_guard": False, "name": "crossget"}
+    # a CrossGET arch's block: ToMe ignores its rv/rl, CrossGET keeps its eot_guard
+    block = {"name": "crossget", "rv": 16, "rl": 0, "eot_guard": True}
+    tome, guarded = bench_settings(["tome", "crossget"], [8], block)[2:]
+    assert tome.label == "tome r=8" and guarded.label == "crossget rv=8 rl=0 eot_guard"
+    with pytest.raises(ValueError, match="--rl: only crossget merges text tokens"):
+        bench_settings(["tome"], [8], None, rl_values=[2])
+    with pytest.raises(ValueError, match="--rl: crossget's merges per block must be integers >= 0, got -1"):
+        bench_settings(["crossget"], [8], None, rl_values=[-1])
+    with pytest.raises(ValueError, match="--r: the arch has no crossget rv"):
+        bench_settings(["crossget"], [], None)
+
+
+def test_crossget_on_clip_reduces_the_image_tower_with_rv_and_the_text_tower_with_rl(monkeypatch):
+    from lavis_accel.bench import runner
+    from lavis_accel.testing.tiny_models import build_tiny
+
+    monkeypatch.setattr(runner, "OtherLoad", _Load(0.0))
+    model = build_tiny("clip", "ViT-Tiny-16", is_eval=True)  # 36 patches + [CLS]: 4 image blocks; 3 text blocks
+    settings = bench_settings(["crossget"], [4], None, rl_values=[0, 4])
+    options = BenchOptions(parts=("vision", "text", "task"), batch_size=2, task_batch_size=1, warmup=0, repeats=1,
+                           device=CPU)
+    parent, baseline, image_only, both = run_benchmark(model, settings, options, 96,
+                                                       {"arch": "clip", "model_type": "tiny"})
+    # the cross token is one more key in every block: CrossGET merging nothing costs a little more than the parent
+    assert baseline["vision_token_counts"] == [38, 38, 38, 38, 37] and baseline["text_token_counts"] == [78, 78, 78, 77]
+    assert baseline["vision_gflops"] > parent["vision_gflops"]
+    assert image_only["vision_token_counts"] == [38, 34, 30, 26, 21]  # 4 merges a block, the cross token dropped last
+    assert image_only["vision_tokens_out"] == image_only["vision_tokens_expected"] == 21
+    assert image_only["vision_gflops"] < parent["vision_gflops"] and image_only["task_gflops"] < parent["task_gflops"]
+    assert image_only["text_gflops"] == baseline["text_gflops"]
+    assert both["text_token_counts"] == [78, 74, 70, 65] and both["vision_gflops"] == image_only["vision_gflops"]
+    assert both["text_gflops"] < image_only["text_gflops"] and both["text_gflops"] < parent["text_gflops"]
+    assert both["task_gflops"] < image_only["task_gflops"]  # retrieval runs the text tower: rl shows there too
+    assert both["pair_gflops"] == pytest.approx(both["vision_gflops"] + both["text_gflops"])
+    assert both["pair_flops_ratio"] > image_only["pair_flops_ratio"] > 1.0 == parent["pair_flops_ratio"]
+    assert (both["r"], both["rl"], parent["rl"]) == (4, 4, None) and both["vision_gflops_analytic"] is None
+    table = report.markdown_table([parent, baseline, image_only, both])
+    assert "| text GFLOPs | text tokens out |" in table and "| crossget rv=4 rl=4 |" in table
+
+
+def test_crossget_on_blip_retrieval_reduces_the_vit_and_the_unimodal_text_pass():
+    from lavis_accel.testing.tiny_models import TINY_IMAGE_SIZE, build_tiny
+
+    model = build_tiny("blip_retrieval", "coco", is_eval=True)  # ViT: 36 patches + [CLS], 4 blocks; BERT: 3 layers
+    settings = bench_settings(["crossget"], [4], None, rl_values=[0, 3])
+    options = BenchOptions(parts=("vision", "text"), batch_size=2, warmup=0, repeats=1, device=CPU)
+    parent, baseline, image_only, both = run_benchmark(model, settings, options, TINY_IMAGE_SIZE,
+                                                       {"arch": "blip_retrieval", "model_type": "coco"})
+    assert image_only["vision_token_counts"] == [38, 34, 30, 26, 21] == both["vision_token_counts"]
+    assert image_only["vision_tokens_expected"] == 21 and image_only["vision_gflops_analytic"] is None
+    assert image_only["vision_gflops"] < parent["vision_gflops"] < baseline["vision_gflops"]
+    assert baseline["text_token_counts"] == [36, 36, 36, 35]  # 35 padded tokens and the (masked) cross token
+    assert both["text_token_counts"] == [36, 33, 30, 26]
+    assert both["text_gflops"] < image_only["text_gflops"] and both["text_gflops"] < parent["text_gflops"]
+    assert both["task_gflops"] is None and both["pair_flops_ratio"] > image_only["pair_flops_ratio"] > 1.0
+
+
+def test_the_worker_benches_a_crossget_arch_at_its_rv_and_each_rl(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert worker.main(["--arch", "clip_crossget", "--model-type", "ViT-Tiny-16", "--rl", "0", "4", "--parts",
+                        "vision", "text", "--batch-size", "2", "--warmup", "0", "--repeats", "1",
+                        "--out", str(out)]) == 0
+    records = json.loads((out / "bench.json").read_text())["records"]
+    assert [record["setting"] for record in records] == [
+        "parent (LAVIS)", "crossget rv=0 rl=0 (cross tokens, no merging)", "crossget rv=16 rl=0",
+        "crossget rv=16 rl=4"]  # rv from the arch's reducer block (16)
+    assert records[2]["vision_token_counts"] == [38, 22, 12, 7, 4]  # the clamp (t - 2) // 2 binds from block 2
+    assert records[3]["text_tokens_out"] < records[2]["text_tokens_out"] == 77
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    assert worker.main(["--arch", "clip", "--model-type", "ViT-Tiny-16", "--reducer", "crossget", "--r", "19",
+                        "--parts", "vision", "--repeats", "1"]) == 2
+    assert "'rv' of 'crossget' must be an integer from 0 to 18" in capsys.readouterr().err
+
+
+def test_a_crossget_blip_arch_takes_its_block_and_a_model_without_a_text_pass_refuses_the_text_part():
+    from lavis_accel.bench.build import arch_spec
+    from lavis_accel.bench.tasks import StepInputs, text_step
+    from lavis.models.blip_models.blip_retrieval import BlipRetrieval
+
+    spec = arch_spec("blip_retrieval_crossget", "coco")
+    assert spec.parent_class is BlipRetrieval and spec.reducer_config["name"] == "crossget"
+    labels = [setting.label for setting in bench_settings(["crossget"], [spec.reducer_config["rv"]],
+                                                          spec.reducer_config)]
+    assert labels[2] == "crossget rv=16 rl=0"
+    with pytest.raises(ValueError, match="--parts text: VisionOnly has no unimodal text pass"):
+        text_step(VisionOnly(), StepInputs(1, 64, CPU))
+
+
 def test_bench_settings_need_a_reducer():
     with pytest.raises(ValueError, match="--reducer"):
         bench_settings([], [30], None)
@@ -285,7 +380,7 @@ TASK_SCRIPT = textwrap.dedent("""
     for arch, model_type in [("blip_retrieval", "coco"), ("blip_caption", "base_coco"), ("blip_vqa", "vqav2"),
                              ("blip_nlvr", "nlvr")]:
         model = build_tiny(arch, model_type, is_eval=True)
-        settings = bench_settings(["turbo"], [4], {"name": "turbo", "threshold": 1})
+        settings = bench_settings(["turbo", "crossget"], [4], {"name": "turbo", "threshold": 1})
         options = BenchOptions(parts=("task",), task_batch_size=1, candidates=2, warmup=0, repeats=1)
         results[arch] = run_benchmark(model, settings, options, TINY_IMAGE_SIZE, {"arch": arch, "model_type": model_type})
     with open(sys.argv[1], "w") as handle:  # not stdout: transformers prints there when it sees a new cache
@@ -294,8 +389,8 @@ TASK_SCRIPT = textwrap.dedent("""
 
 
 def test_every_task_step_runs_and_counts_on_tiny_models(tmp_path):
-    """Each task's inference step (retrieval ITC+ITM, caption beams, VQA rank, NLVR2) on a tiny BLIP model, in a
-    process started with the offline hub (transformers must see it at import)."""
+    """Each task's inference step (retrieval ITC+ITM, caption beams, VQA rank, NLVR2) on a tiny BLIP model, with
+    Turbo and CrossGET, in a process started with the offline hub (transformers must see it at import)."""
     write_offline_hub(str(tmp_path / "hub"))
     env = {**os.environ, **offline_env(str(tmp_path / "hub"))}
     results_path = tmp_path / "results.json"
@@ -303,11 +398,12 @@ def test_every_task_step_runs_and_counts_on_tiny_models(tmp_path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(results_path.read_text())
-    for arch, (parent, sdpa, turbo) in results.items():
+    for arch, (parent, sdpa, turbo, crossget) in results.items():
         assert REQUIRED_KEYS <= set(parent), arch
         assert parent["task_gflops"] > 0 and parent["params"] > 0 and parent["peak_mem_mb"] > 0, arch
+        assert crossget["setting"] == "crossget rv=4 rl=0", arch
         if arch != "blip_caption":  # beam search may stop at another length once tokens are merged
-            assert turbo["flops_ratio"] > 1.0, arch
+            assert turbo["flops_ratio"] > 1.0 and crossget["flops_ratio"] > 1.0, arch
     nlvr, retrieval = results["blip_nlvr"][0], results["blip_retrieval"][0]
     assert retrieval["params"] < retrieval["params_total"]  # momentum encoders are not used at inference
     assert nlvr["task"].startswith("nlvr2")

@@ -21,23 +21,31 @@ from lavis_accel.errors import SettingError
     ({"r_values": (0, 4)}, "--r-values must be positive"),
     ({"madtp_p": 1.0}, r"--madtp-p must be in \(0, 1\)"),
     ({"madtp_epochs": 0}, "--madtp-epochs must be at least 1"),
+    ({"crossget_epochs": 0}, "--crossget-epochs must be at least 1"),
+    ({"crossget_rv": 0}, r"--crossget-rv must be from 1 to 18 \(half the demo ViT's patch tokens\), got 0"),
+    ({"crossget_rv": 19}, "--crossget-rv must be from 1 to 18"),
 ])
 def test_bad_settings_are_refused(changes, message):
     with pytest.raises(SettingError, match=message):
         DemoSettings(**changes).check()
 
 
-def test_compares_the_parent_then_tome_and_turbo_at_each_r_then_madtp():
-    names = [name for name, _ in settings_to_compare(DemoSettings(r_values=(2, 4), madtp_p=0.3))]
-    assert names == ["parent", "tome_r2", "tome_r4", "turbo_r2", "turbo_r4", "madtp_p30"]
+def test_compares_the_parent_then_tome_and_turbo_at_each_r_then_madtp_and_crossget():
+    compared = settings_to_compare(DemoSettings(r_values=(2, 4), madtp_p=0.3, crossget_rv=6))
+    assert [name for name, _ in compared] == ["parent", "tome_r2", "tome_r4", "turbo_r2", "turbo_r4", "madtp_p30",
+                                              "crossget_rv6"]
+    assert compared[-1][1] == {"name": "crossget", "rv": 6, "rl": 0}
 
 
 def test_configs_are_valid_lavis_projects(tmp_path):
     settings = DemoSettings(workdir=str(tmp_path))
     datasets = write_retrieval(tmp_path / "data", n_train=2, n_val=2, n_test=2)
+    med_config = json.load(open(project.write_med_config(settings)))
+    assert med_config["num_hidden_layers"] == 4  # as many text layers as ViT blocks: CrossGET's loss pairs them
     train = OmegaConf.create(project.train_config(settings, datasets))
     check_project(train)
     assert train.model.arch == "blip_retrieval" and train.run.device == "cpu" and train.run.max_epoch == 6
+    assert train.model.med_config_path == project.med_config_path(settings)
     evaluated = OmegaConf.create(project.eval_config(settings, datasets, "ckpt.pth", "turbo_r4",
                                                      {"name": "turbo", "r": 4}))
     check_project(evaluated)
@@ -50,6 +58,16 @@ def test_configs_are_valid_lavis_projects(tmp_path):
     assert compress.run.task == "madtp_retrieval" and compress.run.madtp.p == settings.madtp_p
     madtp_eval = OmegaConf.create(project.eval_config(settings, datasets, "madtp.pth", "madtp_p30", {"name": "madtp"}))
     assert madtp_eval.model.arch == "blip_retrieval_madtp" and dict(madtp_eval.model.reducer) == {"name": "madtp"}
+    crossget = OmegaConf.create(project.crossget_train_config(settings, datasets, "ckpt.pth"))
+    check_project(crossget)
+    assert crossget.model.arch == "blip_retrieval_crossget" and crossget.model.finetuned == "ckpt.pth"
+    assert dict(crossget.model.reducer) == {"name": "crossget", "rv": 8, "rl": 0}
+    assert crossget.run.task == "crossget_retrieval" and crossget.run.crossget.kd_weight == 0.5
+    assert crossget.run.max_epoch == settings.crossget_epochs
+    crossget_eval = OmegaConf.create(project.eval_config(settings, datasets, "crossget.pth", "crossget_rv8",
+                                                         project.crossget_reducer(settings)))
+    check_project(crossget_eval)
+    assert crossget_eval.model.arch == "blip_retrieval_crossget" and crossget_eval.run.task == "retrieval"
 
 
 def test_table_lists_every_setting():
@@ -64,17 +82,25 @@ def test_a_small_demo_runs_end_to_end(tmp_path):
     workdir = tmp_path / "demo"
     command = [sys.executable, "-m", "lavis_accel.cli", "demo", "--workdir", str(workdir), "--n-train", "16",
                "--n-val", "4", "--n-test", "8", "--epochs", "1", "--batch-size", "8", "--k-test", "4",
-               "--r-values", "4", "--madtp-epochs", "1"]
+               "--r-values", "4", "--madtp-epochs", "1", "--crossget-epochs", "1", "--crossget-rv", "4"]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "| parent |" in result.stdout and "| turbo_r4 |" in result.stdout
     results = json.load(open(workdir / "results.json"))
     rows = {row["setting"]: row for row in results["results"]}
-    assert set(rows) == {"parent", "tome_r4", "turbo_r4", "madtp_p30"}
+    assert set(rows) == {"parent", "tome_r4", "turbo_r4", "madtp_p30", "crossget_rv4"}
+    assert "| crossget_rv4 |" in result.stdout
     assert os.path.isfile(results["checkpoint"])
     assert rows["parent"]["vision_speedup"] == 1.0
     assert rows["turbo_r4"]["vision_gflops"] < rows["parent"]["vision_gflops"]
     assert rows["turbo_r4"]["task_gflops"] < rows["parent"]["task_gflops"]
     assert 0 <= rows["turbo_r4"]["txt_r1"] <= rows["turbo_r4"]["txt_r10"] <= 100
     assert rows["madtp_p30"]["temperature"] > 0 and 0 <= rows["madtp_p30"]["img_r1"] <= 100
+    crossget = rows["crossget_rv4"]
+    assert (crossget["reducer"], crossget["r"], crossget["rl"]) == ("crossget", 4, 0)
+    assert crossget["vision_gflops"] < rows["parent"]["vision_gflops"]  # 37 -> 21 tokens, as ToMe at r = 4
+    assert crossget["task_gflops"] < rows["parent"]["task_gflops"] and crossget["vision_speedup"] > 0
+    assert 0 <= crossget["txt_r1"] <= crossget["txt_r10"] <= 100
+    (log,) = (workdir / "crossget").rglob("log.txt")
+    assert '"train_loss_kd"' in log.read_text()  # fine-tuned with CrossGET's JS loss
     assert (workdir / "recall_vs_gflops.png").read_bytes()[:4] == b"\x89PNG"

@@ -10,26 +10,33 @@ import subprocess
 import sys
 import tempfile
 
-OPTIONS = ("arch", "model_type", "reducer", "r", "temperature", "batch_size", "task_batch_size", "candidates", "parts", "warmup",
-           "repeats", "max_repeats", "min_time", "threads", "device", "dtype", "seed", "out", "sweep", "image_sizes",
-           "batch_sizes")
+OPTIONS = ("arch", "model_type", "reducer", "r", "rl", "temperature", "batch_size", "task_batch_size", "candidates",
+           "parts", "warmup", "repeats", "max_repeats", "min_time", "threads", "device", "dtype", "seed", "out", "sweep",
+           "image_sizes", "batch_sizes")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", required=True, help="a registered arch, e.g. blip_retrieval_turbo")
     parser.add_argument("--model-type", required=True, help="one of the arch's model types, e.g. coco")
     parser.add_argument("--reducer", nargs="+", metavar="NAME",
-                        help="reducers to compare (default: the arch's reducer: block), e.g. tome turbo, or madtp")
+                        help="reducers to compare (default: the arch's reducer: block), e.g. tome turbo, madtp or "
+                             "crossget")
     parser.add_argument("--r", nargs="+", type=int, metavar="R",
-                        help="tokens merged per block, one setting each (default: the arch's r)")
+                        help="tokens merged per block, one setting each (default: the arch's r); crossget: per "
+                             "image block (its rv)")
+    parser.add_argument("--rl", nargs="+", type=int, metavar="RL",
+                        help="crossget: tokens merged per text block, one setting per rv x rl (default: the arch's "
+                             "rl, else 0)")
     parser.add_argument("--temperature", nargs="+", type=float, metavar="TAU",
                         help="madtp: temperatures, one setting each (default: the arch's reducer temperature)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per timed vision-encoder step")
     parser.add_argument("--task-batch-size", type=int, default=1, help="samples per timed task step")
     parser.add_argument("--candidates", type=int,
                         help="retrieval: texts re-ranked by ITM per image (LAVIS: 256); VQA: answer candidates (128)")
-    parser.add_argument("--parts", nargs="+", choices=("vision", "task"), default=["vision", "task"],
-                        help="what to measure: the vision encoder alone and/or the task's whole inference step")
+    parser.add_argument("--parts", nargs="+", choices=("vision", "text", "task"), default=["vision", "task"],
+                        help="what to measure: the vision encoder alone, the text encoder alone (CLIP's text tower, "
+                             "BLIP retrieval's unimodal text pass; per caption) and/or the task's whole inference "
+                             "step")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per setting before timing")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (each times every setting once)")
     parser.add_argument("--max-repeats", type=int,

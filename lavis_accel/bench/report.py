@@ -7,7 +7,9 @@ from lavis_accel.bench.machine import BUSY_SHARE
 from lavis_accel.bench.settings import PARENT, SDPA
 from lavis_accel.bench.throughput import CONFIDENCE, TRUSTED_HALF_WIDTH
 
-PARTS = (("vision_", "vision encoder (per image)"), ("", "task step (per sample)"))
+PARTS = (("vision_", "vision encoder (per image)"), ("text_", "text encoder (per caption)"),
+         ("", "task step (per sample)"))
+TIMED_PARTS = (("vision_", "vision"), ("text_", "text"), ("", "task"))
 
 
 def _busy_warning(record, prefix, part):
@@ -22,13 +24,13 @@ def untrusted(records: Sequence[dict]) -> List[str]:
     """The warnings of a run: a busy machine (once per part), then each speed-up whose confidence interval is too
     wide (or whose rounds too few) to trust."""
     warnings, busy = [], set()
-    for prefix, part in (("vision_", "vision"), ("", "task")):
+    for prefix, part in TIMED_PARTS:
         warning = _busy_warning(records[0], prefix, part) if records else None
         if warning:
             warnings.append(warning)
             busy.add(prefix)
     for record in records:
-        for prefix, part in (("vision_", "vision"), ("", "task")):
+        for prefix, part in TIMED_PARTS:
             for suffix, against in (("speedup", "parent"), ("speedup_vs_sdpa", "SDPA")):
                 key = prefix + suffix
                 if record.get(f"{key}_trusted") is False and prefix not in busy:
@@ -77,30 +79,49 @@ def _throughput(record, prefix) -> str:
     return f"{median:.3g} ± {record[f'{prefix}throughput_spread'] / 2:.2g}"
 
 
+TEXT_COLUMNS = ("text GFLOPs", "text tokens out", "text captions/s", "text speed-up", "text FLOPs ratio",
+                "image+text GFLOPs (x parent)")
+
+
+def _text_cells(record) -> List[str]:
+    """The text part's cells: GFLOPs per caption, tokens out, throughput, speed-up, FLOPs ratio, and one image plus
+    one caption through both encoders (CrossGET's count) with its share of the parent's."""
+    pair, ratio = record.get("pair_gflops"), record.get("pair_flops_ratio")
+    share = f" ({1 / ratio:.0%})" if pair is not None and ratio else ""
+    return [_fmt(record["text_gflops"], 4), _fmt(record.get("text_tokens_out")), _throughput(record, "text_"),
+            _speedup(record, "text_speedup"), _fmt(record["text_flops_ratio"]), _fmt(pair, 4) + share]
+
+
 def markdown_table(records: Sequence[dict]) -> str:
-    """A header naming model, device and task, then one row per setting."""
+    """A header naming model, device and task, then one row per setting (text columns when the text encoder was
+    measured)."""
     first = records[0]
+    text = first.get("text_gflops") is not None
+    text_note = f" Text step: {first['batch_size']} captions." if text else ""
+    header = ["setting", "vision GFLOPs (analytic)", "tokens out", "vision im/s", "vision speed-up",
+              "vision FLOPs ratio", "vision speed-up vs SDPA", *(TEXT_COLUMNS if text else ()), "task GFLOPs",
+              "task samples/s", "speed-up", "FLOPs ratio", "speed-up vs SDPA", "FLOPs ratio vs SDPA", "params (M)",
+              "peak MB"]
     lines = [
         f"## {first['arch']} / {first['model_type']} on {first['device']} ({first.get('dtype', 'float32')})",
         "",
-        f"Vision step: batch {first['batch_size']}. Task step: {first['task'] or 'not measured'}"
+        f"Vision step: batch {first['batch_size']}.{text_note} Task step: {first['task'] or 'not measured'}"
         f" (batch {first['task_batch_size']}). Throughput: median ± half the interquartile range of interleaved"
         " rounds. Speed-up: median of per-round ratios to the LAVIS parent timed in the same round, [its"
         " confidence interval], ⚠ when too wide to trust; \"vs SDPA\" against the plugin's patch merging nothing"
         " (r=0), which isolates the reduction's own gain. FLOPs ratio: counted GFLOPs of the baseline over the"
         " setting's.",
         "",
-        "| setting | vision GFLOPs (analytic) | tokens out | vision im/s | vision speed-up | vision FLOPs ratio "
-        "| vision speed-up vs SDPA | task GFLOPs | task samples/s | speed-up | FLOPs ratio | speed-up vs SDPA "
-        "| FLOPs ratio vs SDPA | params (M) | peak MB |",
-        "|---" * 15 + "|",
+        "| " + " | ".join(header) + " |",
+        "|---" * len(header) + "|",
     ]
     for record in records:
         vision = f"{_fmt(record['vision_gflops'], 4)} ({_fmt(record['vision_gflops_analytic'], 4)})"
         cells = [
             record["setting"], vision, _fmt(record.get("vision_tokens_out")), _throughput(record, "vision_"),
             _speedup(record, "vision_speedup"), _fmt(record["vision_flops_ratio"]),
-            _speedup(record, "vision_speedup_vs_sdpa"), _fmt(record["task_gflops"], 4), _throughput(record, ""),
+            _speedup(record, "vision_speedup_vs_sdpa"), *(_text_cells(record) if text else ()),
+            _fmt(record["task_gflops"], 4), _throughput(record, ""),
             _speedup(record, "speedup"), _fmt(record["flops_ratio"]), _speedup(record, "speedup_vs_sdpa"),
             _fmt(record["flops_ratio_vs_sdpa"]),
             f"{record['params'] / 1e6:.1f}", f"{record['peak_mem_mb']:.0f}",
@@ -116,15 +137,23 @@ def write_markdown(records: Sequence[dict], path: str) -> str:
     return path
 
 
+def _curve_name(record) -> str:
+    """A plot curve per reducer, and per text merge count for CrossGET (its x axis is the image's rv)."""
+    rl = record.get("rl")
+    return record["reducer"] + (f" rl={rl}" if rl else "")
+
+
 def _curves(records: Sequence[dict], prefix: str):
-    """Per reducer: the points (r, speed-up, FLOPs ratio), starting from the SDPA baseline at r = 0."""
+    """Per reducer (CrossGET: per rl): the points (r, speed-up, FLOPs ratio), starting from the SDPA baseline at
+    r = 0 (not for a CrossGET curve with rl > 0: the baseline merges no text)."""
     sdpa = next(record for record in records if record["role"] == SDPA)
     curves = {}
     for record in records:
         if record["role"] == PARENT or not isinstance(record["r"], int):
             continue
-        points = curves.setdefault(record["reducer"], [])
-        if record["role"] != SDPA and not points and sdpa["reducer"] != record["reducer"]:
+        name = _curve_name(record)
+        points = curves.setdefault(name, [])
+        if record["role"] != SDPA and not points and _curve_name(sdpa) != name and not record.get("rl"):
             points.append(sdpa)
         points.append(record)
     return {
@@ -140,7 +169,7 @@ def write_plot(records: Sequence[dict], path: str) -> Optional[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    parts = [(prefix, title) for prefix, title in PARTS if records[0][f"{prefix}flops_ratio"] is not None]
+    parts = [(prefix, title) for prefix, title in PARTS if records[0].get(f"{prefix}flops_ratio") is not None]
     if not parts:
         return None
     figure, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4), squeeze=False)
@@ -152,7 +181,7 @@ def write_plot(records: Sequence[dict], path: str) -> Optional[str]:
             axis.plot(r_values, [point[2] for point in points], "s--", color=colour, label=f"{name} FLOPs ratio")
         axis.axhline(1.0, color="grey", linewidth=0.8)
         axis.set_title(title)
-        axis.set_xlabel("r (tokens merged per block)")
+        axis.set_xlabel("r (tokens merged per block; crossget: per image block, rv)")
         axis.set_ylabel("x parent (LAVIS)")
         axis.legend()
     first = records[0]

@@ -16,21 +16,24 @@ from torch.utils.flop_counter import FlopCounterMode
 from lavis_accel.bench.flops import ensure_cpu_attention_formula, lavis_vit_flops
 from lavis_accel.bench.machine import BUSY_SHARE, OtherLoad
 from lavis_accel.bench.memory import ParameterUse, PeakMemory
-from lavis_accel.bench.settings import PARENT, SDPA, BenchSetting
-from lavis_accel.bench.tasks import Step, StepInputs, task_step, vision_step
+from lavis_accel.bench.settings import PARENT, SDPA, BenchSetting, CrossGetSettings
+from lavis_accel.bench.tasks import Step, StepInputs, task_step, text_step, vision_step
 from lavis_accel.bench.throughput import Contender, median_and_spread, paired_ratio, time_interleaved
 from lavis_accel.patch import clip as clip_binding
 from lavis_accel.patch import is_patched, token_counts
+from lavis_accel.patch import med as med_binding
+from lavis_accel.patch.crossget import unimodal_text_encoder
+from lavis_accel.reduce import crossget
 from lavis_accel.reduce.merge import parse_r, token_schedule
 from lavis_accel.reduce.settings import ReducerSettings
 
-VISION, TASK = "vision", "task"
+VISION, TEXT, TASK = "vision", "text", "task"
 
 
 @dataclass
 class BenchOptions:
-    parts: Sequence[str] = (VISION, TASK)
-    batch_size: int = 8  # images per vision step
+    parts: Sequence[str] = (VISION, TASK)  # TEXT too to time the text encoder alone
+    batch_size: int = 8  # images per vision step, captions per text step
     task_batch_size: int = 1  # samples per task step
     candidates: int = 1  # retrieval k / VQA answer candidates (see tasks.default_candidates)
     warmup: int = 1
@@ -44,14 +47,16 @@ class BenchOptions:
 
 @dataclass
 class Profile:
-    """One untimed run of a step: FLOPs per sample, peak memory, parameters read, the step's output and the ViT's
-    token counts per block in its last forward (None when the ViT is not patched)."""
+    """One untimed run of a step: FLOPs per sample, peak memory, parameters read, the step's output and the token
+    counts per block of the ViT's and of the text encoder's last forward (None when that tower is not patched or its
+    last forward was not reduced)."""
 
     gflops_per_sample: float
     peak_mem_mb: float
     params_used: int
     output: object
     token_counts: Optional[List[int]] = None
+    text_token_counts: Optional[List[int]] = None
 
 
 def stderr_progress(start=None) -> Callable[[str], None]:
@@ -77,6 +82,7 @@ def profile_step(model, step: Step, device: torch.device) -> Profile:
         params_used=use.count,
         output=output,
         token_counts=vision_token_counts(model),
+        text_token_counts=text_token_counts(model),
     )
 
 
@@ -85,6 +91,17 @@ def vision_token_counts(model) -> Optional[List[int]]:
     if clip_binding.is_clip(model):
         return clip_binding.token_counts(model)["image"] if clip_binding.is_patched(model) else None
     return token_counts(model) if is_patched(model) else None
+
+
+def text_token_counts(model) -> Optional[List[int]]:
+    """The text tower's token counts per block in its last reduced forward (CLIP's text tower, a BLIP model's
+    unimodal text pass), or None when it is not patched or that forward was not reduced (a multimodal pass)."""
+    if clip_binding.is_clip(model):
+        counts = clip_binding.token_counts(model)["text"] if clip_binding.is_patched(model) else None
+    else:
+        text = unimodal_text_encoder(model)
+        counts = med_binding.token_counts(text) if text is not None and med_binding.current_step(text) else None
+    return counts or None
 
 
 def vision_tokens_out(model, profile: Profile) -> int:
@@ -96,22 +113,37 @@ def vision_tokens_out(model, profile: Profile) -> int:
     return profile.output.shape[1]
 
 
-def expected_schedule(vit, setting: BenchSetting) -> Optional[List[int]]:
+def vision_geometry(model):
+    """``(tokens, blocks)`` of the model's image tower: a BLIP ViT's or CLIP's, [CLS] included."""
+    if clip_binding.is_clip(model):
+        return model.visual.positional_embedding.shape[0], len(model.visual.transformer.resblocks)
+    vit = model.visual_encoder
+    return vit.patch_embed.num_patches + 1, len(vit.blocks)
+
+
+def expected_schedule(vit, setting: BenchSetting, geometry=None) -> Optional[List[int]]:
     """Token counts through the ViT that the setting's reducer should produce (constant for the parent); None for
-    MADTP, whose counts depend on the inputs."""
-    depth, tokens = len(vit.blocks), vit.patch_embed.num_patches + 1
+    MADTP, whose counts depend on the inputs. ``geometry``: ``(tokens, blocks)`` (default: the BLIP ``vit``'s).
+
+    CrossGET's counts include its cross token (one more token in) until the last block drops it, as the patched
+    towers record them."""
+    tokens, depth = geometry or (vit.patch_embed.num_patches + 1, len(vit.blocks))
     if setting.reducer is None:
         return [tokens] * (depth + 1)
     reducer = setting.reducer
+    if isinstance(reducer, CrossGetSettings):
+        counts = crossget.token_schedule(tokens + 1, reducer.rv, depth)
+        return counts[:-1] + [counts[-1] - 1]
     if not isinstance(reducer, ReducerSettings):
         return None
     return token_schedule(tokens, parse_r(depth, reducer.r), reducer.threshold, class_token=True)
 
 
 def analytic_vision_gflops(vit, setting: BenchSetting) -> Optional[float]:
-    """The analytic FLOP model of the setting's token schedule, per image, in GFLOPs (None without a schedule)."""
+    """The analytic FLOP model of the setting's token schedule, per image, in GFLOPs (None without a schedule, and
+    for CrossGET: the model is that of ToMe's bipartite matching)."""
     schedule = expected_schedule(vit, setting)
-    if schedule is None:
+    if schedule is None or isinstance(setting.reducer, CrossGetSettings):
         return None
     cls_row = setting.reducer is not None and setting.reducer.alpha > 0
     return lavis_vit_flops(vit, schedule, cls_attention_row=cls_row) / 1e9
@@ -197,6 +229,27 @@ def _empty_part_fields(prefix) -> dict:
     return {prefix + key: None for key in keys}
 
 
+def _text_fields(profiles, rates, settings, index, other_shares) -> dict:
+    """The text part's fields, its token counts (from the text part, else from the task step, e.g. CLIP's
+    retrieval) and the image + caption pair's GFLOPs and FLOPs ratio to the parent's pair."""
+    if TEXT in profiles:
+        fields = _part_fields("text_", profiles[TEXT], rates[TEXT], settings, index, other_shares[TEXT])
+    else:
+        fields = _empty_part_fields("text_")
+    source = profiles.get(TEXT) or profiles.get(TASK)
+    counts = source[index].text_token_counts if source else None
+    fields["text_token_counts"] = counts
+    fields["text_tokens_out"] = counts[-1] if counts else None
+    pairs = None
+    if VISION in profiles and TEXT in profiles:
+        pairs = [vision.gflops_per_sample + text.gflops_per_sample
+                 for vision, text in zip(profiles[VISION], profiles[TEXT])]
+    parent = [setting.role for setting in settings].index(PARENT)
+    fields["pair_gflops"] = pairs[index] if pairs else None
+    fields["pair_flops_ratio"] = _ratio(pairs[parent], pairs[index]) if pairs else None
+    return fields
+
+
 def run_benchmark(
     model,
     settings: Sequence[BenchSetting],
@@ -207,15 +260,19 @@ def run_benchmark(
 ) -> List[dict]:
     """Measure ``model`` in each setting; return one record per setting (``identity`` keys first).
 
-    Task fields have no prefix (``task_gflops`` aside), vision fields start with ``vision_``; a part not in
-    ``options.parts`` has ``None`` values. Vision GFLOPs are per image, task GFLOPs per task sample.
+    Task fields have no prefix (``task_gflops`` aside), vision fields start with ``vision_``, text fields with
+    ``text_``; a part not in ``options.parts`` has ``None`` values. Vision GFLOPs are per image, text GFLOPs per
+    caption, task GFLOPs per task sample; ``pair_gflops`` (vision and text measured) is one image plus one caption
+    through the two encoders, as CrossGET's logs count a model.
     """
     model = model.to(options.device, options.dtype).eval()
     vit = getattr(model, "visual_encoder", None)  # a BLIP ViT (CLIP has ``visual``)
     steps = {}
+    encoder_inputs = StepInputs(options.batch_size, image_size, options.device, seed=options.seed, dtype=options.dtype)
     if VISION in options.parts:
-        inputs = StepInputs(options.batch_size, image_size, options.device, seed=options.seed, dtype=options.dtype)
-        steps[VISION] = vision_step(model, inputs)
+        steps[VISION] = vision_step(model, encoder_inputs)
+    if TEXT in options.parts:
+        steps[TEXT] = text_step(model, encoder_inputs)
     if TASK in options.parts:
         inputs = StepInputs(options.task_batch_size, image_size, options.device, options.candidates, options.seed,
                             options.dtype)
@@ -230,13 +287,14 @@ def run_benchmark(
 
     records = []
     for index, setting in enumerate(settings):
-        main_part = TASK if TASK in steps else VISION
+        main_part = next(part for part in (TASK, VISION, TEXT) if part in steps)
         record = dict(identity)
         record.update({
             "setting": setting.label,
             "role": setting.role,
             "reducer": setting.reducer.name if setting.reducer else "none",
             "r": setting.reducer.r if setting.reducer else 0,
+            "rl": getattr(setting.reducer, "rl", None),
             "temperature": getattr(setting.reducer, "temperature", None),
             "reducer_settings": setting.reducer.as_dict() if setting.reducer else None,
             "device": str(options.device),
@@ -256,11 +314,13 @@ def run_benchmark(
             record["vision_token_counts"] = vision_profile.token_counts
             if isinstance(vit, VisionTransformer):  # the analytic FLOP model is that of LAVIS's BLIP ViT
                 record["vision_gflops_analytic"] = analytic_vision_gflops(vit, setting)
-                schedule = expected_schedule(vit, setting)
+            if isinstance(vit, VisionTransformer) or clip_binding.is_clip(model):
+                schedule = expected_schedule(vit, setting, vision_geometry(model))
                 record["vision_tokens_expected"] = schedule[-1] if schedule else None
         else:
             record.update(_empty_part_fields("vision_"))
         record.setdefault("vision_gflops_analytic", None)
+        record.update(_text_fields(profiles, rates, settings, index, other_shares))
         if TASK in steps:
             task_fields = _part_fields("", profiles[TASK], rates[TASK], settings, index, other_shares[TASK])
             task_fields["task_gflops"] = task_fields.pop("gflops")

@@ -77,15 +77,18 @@ CLIP_WORDS = ("a", "photo", "of", "the", "red", "blue", "green", "small", "large
 CAPTIONS_PER_IMAGE = 5  # COCO / Flickr30k
 
 
+def clip_captions(count: int, seed: int) -> List[str]:
+    """``count`` captions of 5 to 15 common words (CLIP's tokenizer pads each to its 77-token context)."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(CLIP_WORDS) for _ in range(rng.randint(5, 15))) for _ in range(count)]
+
+
 def clip_retrieval_step(model: CLIP, inputs: StepInputs) -> Step:
     """CLIP retrieval per image, as LAVIS's ``compute_sim_matrix`` spends it: the image tower, the text tower on the
     image's share of the gallery (five captions per image) and the similarities."""
     generator = torch.Generator().manual_seed(inputs.seed)
     images = random_images(inputs, generator)
-    rng = random.Random(inputs.seed)
-    captions = [" ".join(rng.choice(CLIP_WORDS) for _ in range(rng.randint(5, 15)))
-                for _ in range(inputs.batch_size * CAPTIONS_PER_IMAGE)]
-    texts = model.tokenizer(captions).to(inputs.device)
+    texts = model.tokenizer(clip_captions(inputs.batch_size * CAPTIONS_PER_IMAGE, inputs.seed)).to(inputs.device)
 
     def run():
         image_features = F.normalize(model.encode_image(images), dim=-1)
@@ -93,6 +96,28 @@ def clip_retrieval_step(model: CLIP, inputs: StepInputs) -> Step:
         return image_features @ text_features.t()
 
     return Step(f"clip retrieval: image + {CAPTIONS_PER_IMAGE} captions", run, inputs.batch_size)
+
+
+def text_step(model, inputs: StepInputs) -> Step:
+    """The text encoder alone on ``inputs.batch_size`` captions, as retrieval encodes its text gallery: CLIP's text
+    tower (``encode_text``), or a BLIP model's unimodal text pass (``forward_text`` padded to 35 tokens, as
+    ``compute_sim_matrix`` pads, then ``text_proj``). Models without a unimodal text pass have no text step."""
+    if isinstance(model, CLIP):
+        texts = model.tokenizer(clip_captions(inputs.batch_size, inputs.seed)).to(inputs.device)
+        return Step("text tower", lambda: model.encode_text(texts), inputs.batch_size)
+    if not (hasattr(model, "text_proj") and hasattr(getattr(model, "text_encoder", None), "forward_text")):
+        raise SettingError(f"--parts text: {type(model).__name__} has no unimodal text pass to measure (CLIP and "
+                           "BLIP retrieval have one)")
+    captions = vocabulary_sentences(model.tokenizer, inputs.batch_size, RETRIEVAL_TEXT_LENGTH, inputs.seed)
+    texts = model.tokenizer(
+        captions, padding="max_length", truncation=True, max_length=RETRIEVAL_TEXT_LENGTH, return_tensors="pt"
+    ).to(inputs.device)
+
+    def run():
+        text_features = model.text_encoder.forward_text(texts).last_hidden_state[:, 0, :]
+        return F.normalize(model.text_proj(text_features), dim=-1)
+
+    return Step("text encoder", run, inputs.batch_size)
 
 
 def retrieval_step(model: BlipRetrieval, inputs: StepInputs) -> Step:

@@ -46,6 +46,19 @@ def check_counts(args) -> None:
             raise SettingError(f"--{option.replace('_', '-')} must all be >= {minimum}, got {bad[0]}")
 
 
+def block_values(given, block, key, default):
+    """The values of an option: as given, else the arch's ``reducer:`` block's ``key`` (one value), else
+    ``default``."""
+    if given is not None:
+        return given
+    return [block[key]] if block and key in block else default
+
+
+def r_values_of(args, block):
+    """``--r``, else the arch block's ``r`` (ToMe, Turbo) or ``rv`` (CrossGET's image merges)."""
+    return block_values(args.r, block, "r", block_values(None, block, "rv", []))
+
+
 def bench(args) -> int:
     check_counts(args)
     device = device_from(args.device)
@@ -54,9 +67,8 @@ def bench(args) -> int:
     spec = arch_spec(args.arch, args.model_type)
     block = spec.reducer_config
     reducers = args.reducer or ([block["name"]] if block else [])
-    r_values = args.r if args.r is not None else ([block["r"]] if block and "r" in block else [])
-    temperatures = args.temperature or ([block["temperature"]] if block and "temperature" in block else [])
-    settings = bench_settings(reducers, r_values, block, temperatures)
+    settings = bench_settings(reducers, r_values_of(args, block), block, block_values(args.temperature, block,
+                              "temperature", []), block_values(args.rl, block, "rl", [0]))
     out_dir = args.out or os.path.join("output", "bench", f"{args.arch}_{args.model_type}")
 
     progress = stderr_progress()

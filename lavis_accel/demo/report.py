@@ -37,6 +37,9 @@ def _plot(rows, path):
     for p in (row for row in rows if row["reducer"] == "madtp"):
         ax.plot([p["vision_gflops"]], [p["r_mean"]], marker="^", linestyle="none", label=f"madtp ({p['setting']})")
         ax.annotate(f"tau={p['temperature']:.2g}", (p["vision_gflops"], p["r_mean"]), fontsize=7)
+    for p in (row for row in rows if row["reducer"] == "crossget"):
+        ax.plot([p["vision_gflops"]], [p["r_mean"]], marker="D", linestyle="none", label=f"crossget ({p['setting']})")
+        ax.annotate(f"rv={p['r']}", (p["vision_gflops"], p["r_mean"]), fontsize=7)
     ax.set_xlabel("ViT GFLOPs per image (counted)")
     ax.set_ylabel("mean recall (R@1/5/10, both directions)")
     ax.set_title("Small BLIP retrieval on synthetic scenes")

@@ -5,6 +5,8 @@ from dataclasses import dataclass, fields
 from typing import Tuple
 
 from lavis_accel.errors import SettingError
+from lavis_accel.models.vit_types import vit_type_size
+from lavis_accel.testing.tiny_models import TINY_IMAGE_SIZE, TINY_VIT_TYPE
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,8 @@ class DemoSettings:
     r_values: Tuple[int, ...] = (2, 4, 8)
     madtp_p: float = 0.3
     madtp_epochs: int = 2
+    crossget_rv: int = 8
+    crossget_epochs: int = 2
     seed: int = 42
 
     @classmethod
@@ -45,6 +49,12 @@ class DemoSettings:
             raise SettingError(f"demo --madtp-p must be in (0, 1) (the share of GFLOPs to remove), got {self.madtp_p}")
         if self.madtp_epochs < 1:
             raise SettingError(f"demo --madtp-epochs must be at least 1, got {self.madtp_epochs}")
+        if self.crossget_epochs < 1:
+            raise SettingError(f"demo --crossget-epochs must be at least 1, got {self.crossget_epochs}")
+        limit = crossget_rv_limit()
+        if not 1 <= self.crossget_rv <= limit:
+            raise SettingError(f"demo --crossget-rv must be from 1 to {limit} (half the demo ViT's patch tokens), "
+                               f"got {self.crossget_rv}")
         return self
 
     def argv(self):
@@ -55,6 +65,13 @@ class DemoSettings:
             flag = "--" + f.name.replace("_", "-")
             argv += [flag] + ([str(v) for v in value] if isinstance(value, tuple) else [str(value)])
         return argv
+
+
+def crossget_rv_limit() -> int:
+    """The most tokens CrossGET can merge per block of the demo's ViT: half its unprotected tokens ([CLS] and the
+    cross token are protected, so half the patch tokens)."""
+    patches = (TINY_IMAGE_SIZE // vit_type_size(TINY_VIT_TYPE)["patch_size"]) ** 2
+    return patches // 2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -72,6 +89,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help=f"MADTP's target: the share of GFLOPs to remove (default: {default.madtp_p})")
     parser.add_argument("--madtp-epochs", type=int,
                         help=f"epochs of MADTP's compression fine-tuning (default: {default.madtp_epochs})")
+    parser.add_argument("--crossget-rv", type=int,
+                        help=f"CrossGET's tokens merged per ViT block (default: {default.crossget_rv}; no text "
+                             "merging)")
+    parser.add_argument("--crossget-epochs", type=int,
+                        help=f"epochs of CrossGET's fine-tuning with its JS loss (default: {default.crossget_epochs})")
     parser.add_argument("--seed", type=int, help=f"seed of data and training (default: {default.seed})")
     return parser
 

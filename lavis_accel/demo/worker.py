@@ -1,7 +1,8 @@
 """The demo's work, in the process whose environment points transformers at the offline hub.
 
-Stages: data -> training through LAVIS's runner -> evaluation of every setting through LAVIS's retrieval task ->
-cost of every setting (counted FLOPs, interleaved timing) -> one table, ``results.json`` and a plot.
+Stages: data -> training through LAVIS's runner -> MADTP's compression and CrossGET's fine-tuning of the trained
+model -> evaluation of every setting through LAVIS's retrieval task -> cost of every setting (counted FLOPs,
+interleaved timing) -> one table, ``results.json`` and a plot.
 """
 import argparse
 import os
@@ -22,12 +23,39 @@ def madtp_setting_name(settings):
     return f"madtp_p{round(settings.madtp_p * 100)}"
 
 
+def crossget_setting_name(settings):
+    return f"crossget_rv{settings.crossget_rv}"
+
+
 def settings_to_compare(settings):
-    """``[(name, reducer block or None)]``: the parent, ToMe and Turbo at each r, then MADTP at its target."""
+    """``[(name, reducer block or None)]``: the parent, ToMe and Turbo at each r, then MADTP at its target and
+    CrossGET at its rv."""
+    from lavis_accel.demo.project import crossget_reducer
+
     compared = [("parent", None)]
     for name in ("tome", "turbo"):
         compared += [(f"{name}_r{r}", {"name": name, "r": r}) for r in settings.r_values]
-    return compared + [(madtp_setting_name(settings), {"name": "madtp"})]
+    return compared + [(madtp_setting_name(settings), {"name": "madtp"}),
+                       (crossget_setting_name(settings), crossget_reducer(settings))]
+
+
+def train(config, path):
+    """Write the project ``config`` to ``path``, train it through LAVIS's runner; return its best checkpoint."""
+    from lavis_accel import jobs
+    from lavis_accel.testing.projects import write_project
+    from omegaconf import OmegaConf
+
+    runner = jobs.build_runner(write_project(OmegaConf.create(config), path))
+    runner.train()
+    return os.path.join(runner.output_dir, "checkpoint_best.pth")
+
+
+def row_of(name, reducer, metrics, model):
+    """One table row: the setting, its reducer's name and merge count (CrossGET: rv, and rl), MADTP's tau, and
+    LAVIS's retrieval metrics."""
+    reducer = reducer or {}
+    return {"setting": name, "reducer": reducer.get("name"), "r": reducer.get("r", reducer.get("rv", 0)),
+            "rl": reducer.get("rl"), "temperature": getattr(model, "temperature", None), **metrics}
 
 
 def main(argv=None):
@@ -43,34 +71,31 @@ def main(argv=None):
     datasets = write_retrieval(os.path.join(settings.workdir, "data"), settings.n_train, settings.n_val,
                                settings.n_test, seed=settings.seed)
 
+    configs = os.path.join(settings.workdir, "configs")
+    project.write_med_config(settings)
     progress(f"fine-tuning a small BLIP retrieval model for {settings.epochs} epochs through LAVIS's runner")
-    train_yaml = write_project(OmegaConf.create(project.train_config(settings, datasets)),
-                               os.path.join(settings.workdir, "configs", "train.yaml"))
-    trainer = jobs.build_runner(train_yaml)
-    trainer.train()
-    checkpoint = os.path.join(trainer.output_dir, "checkpoint_best.pth")
+    checkpoint = train(project.train_config(settings, datasets), os.path.join(configs, "train.yaml"))
     progress(f"best checkpoint: {checkpoint}")
 
     progress(f"compressing it with MADTP to {1 - settings.madtp_p:.0%} of its GFLOPs ({settings.madtp_epochs} epochs, "
              "tau searched first)")
-    madtp_yaml = write_project(OmegaConf.create(project.madtp_train_config(settings, datasets, checkpoint)),
-                               os.path.join(settings.workdir, "configs", "madtp.yaml"))
-    compressor = jobs.build_runner(madtp_yaml)
-    compressor.train()
-    madtp_checkpoint = os.path.join(compressor.output_dir, "checkpoint_best.pth")
+    trained = {"madtp": train(project.madtp_train_config(settings, datasets, checkpoint),
+                              os.path.join(configs, "madtp.yaml"))}
+    progress(f"fine-tuning it with CrossGET at rv={settings.crossget_rv} ({settings.crossget_epochs} epochs, JS loss "
+             f"weight {project.CROSSGET_KD_WEIGHT})")
+    trained["crossget"] = train(project.crossget_train_config(settings, datasets, checkpoint),
+                                os.path.join(configs, "crossget.yaml"))
 
     rows, models = [], {}
     for name, reducer in settings_to_compare(settings):
         progress(f"evaluating {name} through LAVIS's retrieval task")
-        evaluated = madtp_checkpoint if reducer and reducer["name"] == "madtp" else checkpoint
+        evaluated = trained.get(reducer["name"], checkpoint) if reducer else checkpoint
         eval_yaml = write_project(OmegaConf.create(project.eval_config(settings, datasets, evaluated, name, reducer)),
-                                  os.path.join(settings.workdir, "configs", f"eval_{name}.yaml"))
+                                  os.path.join(configs, f"eval_{name}.yaml"))
         runner = jobs.build_runner(eval_yaml, mode="evaluate")
         metrics = runner.evaluate(skip_reload=True)["test"]
         model = runner.unwrap_dist_model(runner.model)
-        rows.append({"setting": name, "reducer": reducer["name"] if reducer else None,
-                     "r": reducer.get("r", 0) if reducer else 0,
-                     "temperature": getattr(model, "temperature", None), **metrics})
+        rows.append(row_of(name, reducer, metrics, model))
         models[name] = model
 
     progress("counting FLOPs and timing every setting, interleaved")

@@ -70,7 +70,7 @@ def test_non_mapping_config_is_refused():
 
 
 def test_reducers_are_registered_lavis_processors():
-    assert known_reducers() == ["madtp", "tome", "turbo"]
+    assert known_reducers() == ["crossget", "madtp", "tome", "turbo"]
     for name in ("tome", "turbo"):
         processor_class = registry.get_processor_class(name)
         assert issubclass(processor_class, TokenReducer)
@@ -90,7 +90,7 @@ def test_build_reducer_applies_the_block_to_a_model():
 
 
 def test_build_reducer_refuses_unknown_and_non_reducer_names():
-    with pytest.raises(SettingError, match="reducer name 'fast' is not known: use one of madtp, tome, turbo"):
+    with pytest.raises(SettingError, match="reducer name 'fast' is not known: use one of crossget, madtp, tome, turbo"):
         build_reducer({"name": "fast"})
     with pytest.raises(SettingError, match="reducer name 'blip_image_eval' is not known"):
         build_reducer({"name": "blip_image_eval"})

@@ -20,29 +20,20 @@ from torch import nn
 from lavis_accel.errors import SettingError
 from lavis_accel.models.reduced import ReducedModel
 from lavis_accel.reduce import crossget
-from lavis_accel.reduce.settings import plain_config
 
-REDUCER_NAME = "crossget"
 
 
 class CrossGetModel(ReducedModel):
     """Mixin placed before a LAVIS model class (see the module docstring)."""
 
+    REDUCER_NAME = "crossget"
+    REDUCER_BLOCK = "name: crossget, rv, rl"
     PARAMETERS_STARTING_FRESH: Tuple[str, ...] = ()
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.add_cross_offsets()
         self.PARAMETERS_STARTING_FRESH = tuple(self.crossget_offset_names())
-
-    @classmethod
-    def from_config(cls, cfg):
-        reducer_cfg = cfg.get("reducer")
-        name = None if reducer_cfg is None else plain_config(reducer_cfg).get("name")
-        if reducer_cfg is not None and name != REDUCER_NAME:
-            raise SettingError(f"model.reducer: {cls.__name__} takes a crossget block (name: crossget, rv, rl), "
-                               f"not {name!r}")
-        return super().from_config(cfg)
 
     def add_cross_offsets(self):
         """Register each tower's zero offsets (``crossget_offset_names``) where the family keeps them."""

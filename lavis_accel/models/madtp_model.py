@@ -31,9 +31,7 @@ from lavis_accel.patch import med as med_binding
 from lavis_accel.patch import vit as vit_binding
 from lavis_accel.patch.steps import MadtpStep
 from lavis_accel.reduce import madtp
-from lavis_accel.reduce.settings import plain_config
 
-REDUCER_NAME = "madtp"
 CODEBOOK = madtp_patch.CODEBOOK_ATTR
 TEMPERATURE = "madtp_temperature"
 START_TEMPERATURE = 1.0  # MADTP's tau before its controller moves it
@@ -65,6 +63,8 @@ class MadtpModel(ReducedModel):
     """Mixin placed before a LAVIS model class (see the module docstring). ``from_config`` builds the parent, loads
     its checkpoint, then the ``reducer:`` block (``name: madtp``, ``temperature``) calls ``attach_madtp``."""
 
+    REDUCER_NAME = "madtp"
+    REDUCER_BLOCK = "name: madtp, temperature"
     PARAMETERS_STARTING_FRESH: Tuple[str, ...] = (CODEBOOK,)
     TEXT_PASS: Optional[str] = None  # the text_encoder method whose pass feeds the loss (None: no text pruning)
     MOMENTUM_TOWERS: Tuple[Tuple[str, types.ModuleType], ...] = ()  # (attribute, binding) with their own step
@@ -79,14 +79,6 @@ class MadtpModel(ReducedModel):
         self._madtp_tau_loaded = False
         self._madtp_alignment = None
 
-    @classmethod
-    def from_config(cls, cfg):
-        reducer_cfg = cfg.get("reducer")
-        name = None if reducer_cfg is None else plain_config(reducer_cfg).get("name")
-        if reducer_cfg is not None and name != REDUCER_NAME:
-            raise SettingError(f"model.reducer: {cls.__name__} takes a madtp block (name: madtp, temperature), "
-                               f"not {name!r}")
-        return super().from_config(cfg)
 
     def madtp_code_width(self) -> int:
         """Width of the codebook: BLIP's ViT width (its query module has no projection)."""

@@ -3,6 +3,7 @@ import urllib.error
 
 from lavis.common.utils import is_url
 from lavis_accel.errors import SettingError
+from lavis_accel.reduce.settings import plain_config
 
 
 def checkpoint_url(cfg):
@@ -19,11 +20,18 @@ class ReducedModel:
     config keys and checkpoint keys; the reducer patches the vision encoder in place and adds no parameters.
     """
 
+    REDUCER_NAME = None  # a method's variant (MADTP, CrossGET) runs that reducer's block only
+    REDUCER_BLOCK = ""  # that block's keys, for the error
+
     @classmethod
     def from_config(cls, cfg):
         from lavis_accel.processors.reducers import build_reducer
 
         reducer_cfg = cfg.get("reducer")
+        name = None if reducer_cfg is None else plain_config(reducer_cfg).get("name")
+        if cls.REDUCER_NAME is not None and reducer_cfg is not None and name != cls.REDUCER_NAME:
+            raise SettingError(f"model.reducer: {cls.__name__} takes a {cls.REDUCER_NAME} block "
+                               f"({cls.REDUCER_BLOCK}), not {name!r}")
         if reducer_cfg is None:
             raise SettingError(f"model.reducer: {cls.__name__} needs a reducer block (name, r, ...)")
         reducer = build_reducer(reducer_cfg)  # bad settings fail here, before a checkpoint is fetched and loaded

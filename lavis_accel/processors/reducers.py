@@ -34,6 +34,15 @@ class TokenReducer(BaseProcessor):
         values = {"name": cls.reducer_name, **({} if cfg is None else plain_config(cfg))}
         return cls(ReducerSettings.from_config(values))
 
+    @classmethod
+    def block_settings(cls, cfg) -> dict:
+        """A ``reducer:`` block's settings without its ``name``, which must be this reducer's (when given)."""
+        values = {} if cfg is None else plain_config(cfg)
+        name = values.pop("name", cls.reducer_name)
+        if name != cls.reducer_name:
+            raise SettingError(f"reducer name {name!r} given to the {cls.reducer_name!r} reducer")
+        return values
+
 
 @register_processor("tome")
 class ToMeReducer(TokenReducer):
@@ -77,10 +86,7 @@ class MadtpReducer(TokenReducer):
 
     @classmethod
     def from_config(cls, cfg=None):
-        values = {} if cfg is None else plain_config(cfg)
-        name = values.pop("name", cls.reducer_name)
-        if name != cls.reducer_name:
-            raise SettingError(f"reducer name {name!r} given to the {cls.reducer_name!r} reducer")
+        values = cls.block_settings(cfg)
         unknown = sorted(set(values) - {"temperature"})
         if unknown:
             raise SettingError(f"reducer setting {unknown[0]!r} is not known for 'madtp': use temperature")
@@ -108,11 +114,7 @@ class CrossGetReducer(TokenReducer):
 
     @classmethod
     def from_config(cls, cfg=None):
-        values = {} if cfg is None else plain_config(cfg)
-        name = values.pop("name", cls.reducer_name)
-        if name != cls.reducer_name:
-            raise SettingError(f"reducer name {name!r} given to the {cls.reducer_name!r} reducer")
-        return cls(**values)
+        return cls(**cls.block_settings(cfg))
 
 
 def known_reducers():

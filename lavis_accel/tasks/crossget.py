@@ -12,15 +12,12 @@ Registered task ``crossget_retrieval``: LAVIS's ``retrieval`` task whose trainin
 import numbers
 from collections.abc import Mapping
 
-import torch
-import torch.distributed as dist
-
 from lavis.tasks.retrieval import RetrievalTask
 
 from lavis_accel.errors import SettingError
 from lavis_accel.models.crossget_model import CrossGetModel
 from lavis_accel.registration import register_task
-from lavis_accel.tasks.madtp import unwrapped
+from lavis_accel.tasks.ranks import add_to_mean, mean_over_ranks, unwrapped
 
 DEFAULT_KD_WEIGHT = 0.5
 
@@ -71,20 +68,11 @@ class CrossGetRetrievalTask(RetrievalTask):
         if self.kd_weight == 0:
             return loss
         kd = unwrapped(model).crossget_kd_loss()
-        total = torch.stack([kd.detach().float(), torch.ones_like(kd.detach().float())])
-        self._kd_total = total if self._kd_total is None else self._kd_total + total
+        self._kd_total = add_to_mean(self._kd_total, kd)
         return (1 - self.kd_weight) * loss + self.kd_weight * kd
 
     def train_epoch(self, *args, **kwargs):
         self._kd_total = None
         stats = super().train_epoch(*args, **kwargs)
-        return {**stats, "loss_kd": self._mean_kd()}
+        return {**stats, "loss_kd": mean_over_ranks(self._kd_total)}
 
-    def _mean_kd(self):
-        if self._kd_total is None:
-            return None
-        total = self._kd_total
-        if dist.is_available() and dist.is_initialized():
-            total = total.clone()
-            dist.all_reduce(total)
-        return float(total[0] / total[1])

@@ -49,7 +49,6 @@ from collections.abc import Mapping
 from typing import Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 import lavis.tasks.base_task as base_task
@@ -61,6 +60,7 @@ from lavis.tasks.vqa import VQATask
 from lavis_accel.bench.flops import count_flops
 from lavis_accel.errors import SettingError
 from lavis_accel.registration import register_task
+from lavis_accel.tasks.ranks import add_to_mean, mean_over_ranks, unwrapped
 
 logger = logging.getLogger(__name__)
 
@@ -215,11 +215,6 @@ class ControllerState(torch.nn.Module):
         self.register_buffer("epochs_in_tolerance", torch.tensor(0))
 
 
-def unwrapped(model):
-    """The model inside DDP (LAVIS's runner hands the wrapped one to ``train_epoch``)."""
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 def set_temperature(net, tau):
     """``net.set_temperature(tau)`` with tau rounded to the dtype of the model's ``madtp_temperature`` buffer first,
     so that the run goes on with exactly the tau a checkpoint restores (a float32 buffer holds 1.35 as 1.3499999)."""
@@ -363,7 +358,7 @@ class MadtpTask:
         term = unwrapped(model).alignment_loss()
         if term is None:
             return loss
-        self._track_alignment(term.detach().float())
+        self._alignment = add_to_mean(self._alignment, term)
         return loss + self.madtp.alignment_weight * term
 
     def train_epoch(self, epoch, model, *args, **kwargs):
@@ -372,7 +367,7 @@ class MadtpTask:
         self._alignment = None
         stats = super().train_epoch(epoch, model, *args, **kwargs)
         record = self._end_epoch(net, epoch)
-        return {**stats, "loss_alignment": self._mean_alignment(), **asdict(record)}
+        return {**stats, "loss_alignment": mean_over_ranks(self._alignment), **asdict(record)}
 
     def evaluation(self, model, data_loader, **kwargs):
         results = super().evaluation(model, data_loader, **kwargs)
@@ -497,18 +492,6 @@ class MadtpTask:
         return True
 
     # ---- the alignment term's mean over the epoch (one host synchronisation per epoch)
-    def _track_alignment(self, term):
-        total = torch.stack([term, torch.ones_like(term)])
-        self._alignment = total if self._alignment is None else self._alignment + total
-
-    def _mean_alignment(self):
-        if self._alignment is None:
-            return None
-        total = self._alignment
-        if dist.is_available() and dist.is_initialized():
-            total = total.clone()
-            dist.all_reduce(total)
-        return float(total[0] / total[1])
 
 
 @register_task("madtp_retrieval")

@@ -321,6 +321,26 @@ def test_the_worker_benches_a_crossget_arch_at_its_rv_and_each_rl(tmp_path, caps
     assert "'rv' of 'crossget' must be an integer from 0 to 18" in capsys.readouterr().err
 
 
+def test_compare_dtype_times_both_precisions_side_by_side_and_reports_the_pooled_cosine(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert worker.main(["--arch", "clip", "--model-type", "ViT-Tiny-16", "--reducer", "crossget", "--r", "4",
+                        "--parts", "vision", "--batch-size", "2", "--warmup", "0", "--repeats", "2",
+                        "--compare-dtype", "bf16", "--out", str(out)]) == 0
+    report_json = json.loads((out / "bench.json").read_text())
+    precision = report_json["precision"]
+    assert [p["setting"] for p in precision] == [r["setting"] for r in report_json["records"]]
+    for record in precision:
+        assert (record["dtype"], record["compared_dtype"], record["rounds"]) == ("float32", "bfloat16", 2)
+        assert record["speedup"] > 0 and record["speedup_ci"][0] <= record["speedup"] <= record["speedup_ci"][1]
+        assert 0.9 < record["pooled_cosine"] < 1.0  # bf16 rounds: close to fp32, never bit-equal
+    assert "bfloat16 over float32" in (out / "bench.md").read_text()
+    capsys.readouterr()
+    for extra, message in ((["--compare-dtype", "fp32"], "--compare-dtype fp32 is --dtype already"),
+                           (["--compare-dtype", "bf16", "--sweep"], "--compare-dtype: not with --sweep")):
+        assert worker.main(["--arch", "clip", "--model-type", "ViT-Tiny-16", "--r", "4", *extra]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_a_crossget_blip_arch_takes_its_block_and_a_model_without_a_text_pass_refuses_the_text_part():
     from lavis_accel.bench.build import arch_spec
     from lavis_accel.bench.tasks import StepInputs, text_step

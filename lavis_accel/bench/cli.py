@@ -11,7 +11,7 @@ import sys
 import tempfile
 
 OPTIONS = ("arch", "model_type", "reducer", "r", "rl", "temperature", "batch_size", "task_batch_size", "candidates",
-           "parts", "warmup", "repeats", "max_repeats", "min_time", "threads", "device", "dtype", "seed", "out", "sweep",
+           "parts", "warmup", "repeats", "max_repeats", "min_time", "threads", "device", "dtype", "compare_dtype", "seed", "out", "sweep",
            "image_sizes", "batch_sizes")
 
 
@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                         help="the dtype the model is cast to (and its inputs)")
+    parser.add_argument("--compare-dtype", choices=("fp32", "bf16", "fp16"),
+                        help="also time the vision step with the model in this dtype, side by side with --dtype "
+                             "(paired speed-ups, pooled-output cosine)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and synthetic inputs")
     parser.add_argument("--out", help="output directory (default: output/bench/<arch>_<model_type>)")
     parser.add_argument("--sweep", action="store_true",

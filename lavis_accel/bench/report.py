@@ -4,6 +4,7 @@ import os
 from typing import List, Optional, Sequence
 
 from lavis_accel.bench.machine import BUSY_SHARE
+from lavis_accel.bench.precision import markdown as precision_markdown
 from lavis_accel.bench.settings import PARENT, SDPA
 from lavis_accel.bench.throughput import CONFIDENCE, TRUSTED_HALF_WIDTH
 
@@ -45,9 +46,12 @@ def untrusted(records: Sequence[dict]) -> List[str]:
     return warnings
 
 
-def write_json(records: Sequence[dict], path: str, machine: Optional[dict] = None) -> str:
-    """``{"machine": ..., "warnings": [...], "records": [...]}``."""
+def write_json(records: Sequence[dict], path: str, machine: Optional[dict] = None,
+               precision: Optional[Sequence[dict]] = None) -> str:
+    """``{"machine": ..., "warnings": [...], "records": [...]}``, plus ``"precision": [...]`` (``--compare-dtype``)."""
     report = {"machine": machine or {}, "warnings": untrusted(records), "records": list(records)}
+    if precision is not None:
+        report["precision"] = list(precision)
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
         handle.write("\n")
@@ -131,9 +135,11 @@ def markdown_table(records: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(records: Sequence[dict], path: str) -> str:
+def write_markdown(records: Sequence[dict], path: str, precision: Optional[Sequence[dict]] = None) -> str:
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(markdown_table(records))
+        if precision:
+            handle.write("\n" + precision_markdown(precision))
     return path
 
 
@@ -192,12 +198,14 @@ def write_plot(records: Sequence[dict], path: str) -> Optional[str]:
     return path
 
 
-def write_reports(records: Sequence[dict], out_dir: str, machine: Optional[dict] = None) -> List[str]:
-    """``bench.json``, ``bench.md`` and ``bench.png`` (when a part was timed) in ``out_dir``; returns the paths."""
+def write_reports(records: Sequence[dict], out_dir: str, machine: Optional[dict] = None,
+                  precision: Optional[Sequence[dict]] = None) -> List[str]:
+    """``bench.json``, ``bench.md`` and ``bench.png`` (when a part was timed) in ``out_dir``; returns the paths.
+    ``precision``: the ``--compare-dtype`` records, in both reports."""
     os.makedirs(out_dir, exist_ok=True)
     paths = [
-        write_json(records, os.path.join(out_dir, "bench.json"), machine),
-        write_markdown(records, os.path.join(out_dir, "bench.md")),
+        write_json(records, os.path.join(out_dir, "bench.json"), machine, precision),
+        write_markdown(records, os.path.join(out_dir, "bench.md"), precision),
         write_plot(records, os.path.join(out_dir, "bench.png")),
     ]
     return [path for path in paths if path is not None]

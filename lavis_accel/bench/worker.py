@@ -13,6 +13,8 @@ import lavis_accel  # noqa: F401  (registers the plugin's archs and reducers)
 from lavis_accel.bench.build import arch_spec, build_parent
 from lavis_accel.bench.cli import add_arguments
 from lavis_accel.bench.machine import DTYPES, machine_info
+from lavis_accel.bench.precision import compare_precisions
+from lavis_accel.bench.precision import markdown as precision_markdown
 from lavis_accel.bench.report import markdown_table, write_reports
 from lavis_accel.bench.runner import BenchOptions, run_benchmark, stderr_progress
 from lavis_accel.bench.settings import bench_settings
@@ -46,6 +48,16 @@ def check_counts(args) -> None:
             raise SettingError(f"--{option.replace('_', '-')} must all be >= {minimum}, got {bad[0]}")
 
 
+def check_precisions(args) -> None:
+    """``--compare-dtype`` times a second precision of one model: not in a sweep, and not ``--dtype`` again."""
+    if args.compare_dtype is None:
+        return
+    if args.sweep:
+        raise SettingError("--compare-dtype: not with --sweep (compare precisions at one image size and batch)")
+    if args.compare_dtype == args.dtype:
+        raise SettingError(f"--compare-dtype {args.compare_dtype} is --dtype already: name another precision")
+
+
 def block_values(given, block, key, default):
     """The values of an option: as given, else the arch's ``reducer:`` block's ``key`` (one value), else
     ``default``."""
@@ -61,6 +73,7 @@ def r_values_of(args, block):
 
 def bench(args) -> int:
     check_counts(args)
+    check_precisions(args)
     device = device_from(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,8 +112,14 @@ def bench(args) -> int:
         print(open(paths[1], encoding="utf-8").read())
     else:
         records = run_benchmark(model, settings, options, spec.image_size, identity, progress)
-        paths = write_reports(records, out_dir, machine)
+        precision = None
+        if args.compare_dtype:
+            torch.manual_seed(args.seed)  # the same weights as ``model``
+            precision = compare_precisions(model, build_parent(spec), settings, options, spec.image_size,
+                                           DTYPES[args.compare_dtype], progress)
+        paths = write_reports(records, out_dir, machine, precision)
         print(markdown_table(records))
+        print(precision_markdown(precision or []))
     progress("wrote " + ", ".join(paths))
     return 0
 

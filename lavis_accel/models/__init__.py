@@ -9,6 +9,8 @@
 - ``blip_crossget``: the registered ``blip_<task>_crossget`` variants (LAVIS parent + ``crossget_model.CrossGetModel``).
 - ``clip_madtp``: the registered ``clip_madtp`` (LAVIS's CLIP + ``MadtpModel`` + per-block query projections).
 - ``clip_crossget``: the registered ``clip_crossget`` (LAVIS's CLIP + ``CrossGetModel``'s cross-token offsets).
+- ``dlip``: the DLIP student archs ``dlip_pretrain`` (with its frozen teacher), ``dlip_retrieval``, ``dlip_caption``,
+  ``dlip_feature_extractor`` (LAVIS's BLIP classes at ViT-S/16 + bert-small).
 """
 from lavis_accel.models import clip_types, eva_types, optional_pretrained, vit_types  # noqa: F401
 from lavis_accel.models import blip_turbo  # noqa: F401,E402  (after vit_types: the variants build tiny ViTs too)
@@ -16,3 +18,4 @@ from lavis_accel.models import blip_madtp  # noqa: F401,E402
 from lavis_accel.models import blip_crossget  # noqa: F401,E402
 from lavis_accel.models import clip_madtp  # noqa: F401,E402  (after clip_types: it builds the tiny CLIP type too)
 from lavis_accel.models import clip_crossget  # noqa: F401,E402  (after clip_types, as clip_madtp)
+from lavis_accel.models import dlip  # noqa: F401,E402  (after vit_types: the student is vit_type small)

@@ -86,6 +86,10 @@ def tiny_model_config(arch, model_type=None):
             tiny.update(embed_dim=TINY_EMBED_DIM)
         if issubclass(registry.get_model_class(arch), CrossGetModel):
             tiny.update(vit_depth=_tiny_text_layers())  # CrossGET's loss pairs ViT blocks with text layers
+        if "vit_pretrained" in parent:
+            tiny.update(vit_pretrained=None)  # DLIP's student: no DeiT weights at tiny size
+        if parent.get("teacher"):
+            tiny.update(teacher=tiny_teacher_config(parent.teacher))
     else:
         tiny.update(vit_model=TINY_EVA_VIT, num_query_token=TINY_NUM_QUERY_TOKEN)
         if "opt_model" in parent:
@@ -93,6 +97,12 @@ def tiny_model_config(arch, model_type=None):
         if "t5_model" in parent:
             tiny.update(t5_model=hub.TINY_T5_REPO)
     return tiny
+
+
+def tiny_teacher_config(teacher):
+    """A DLIP ``teacher:`` block made tiny (same arch and type; its ``pretrained`` file is the caller's to set)."""
+    arch, model_type = teacher.get("arch", "blip_pretrain"), teacher.get("model_type")
+    return {**teacher, **tiny_model_config(arch, model_type), "arch": arch, "model_type": model_type}
 
 
 def _tiny_text_layers() -> int:

@@ -38,6 +38,15 @@ def _describe_load_failure(err):
     return f"is not a readable torch checkpoint (truncated or corrupt: {message[:120]})"
 
 
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+def names_a_file(name):
+    """Whether a setting that takes a file or a model name (e.g. a timm name) names a file."""
+    name = str(name)
+    return os.sep in name or name.endswith(CHECKPOINT_SUFFIXES) or os.path.exists(name)
+
+
 def safe_load(path, setting, map_location="cpu"):
     """``torch.load(path, weights_only=True)``; a missing, hostile, text or truncated file fails in one line."""
     if not os.path.isfile(path):

@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from lavis.common.registry import registry
 from lavis.common.utils import get_cache_path, is_url
 from lavis.models.base_model import BaseModel
-from lavis_accel.checkpoints import loading_safely
+from lavis_accel.checkpoints import loading_safely, names_a_file
 from lavis_accel.errors import SettingError
 
 
@@ -286,7 +286,18 @@ def checking_model_checkpoints(cfg):
         BaseModel.load_checkpoint_from_config = stock
 
 
+def model_weight_files(model_cfg):
+    """Further local weight files a model config names (DLIP: the teacher's checkpoint, the ViT's DeiT start)."""
+    teacher = model_cfg.get("teacher") or {}
+    paths = {"model.teacher.pretrained": teacher.get("pretrained"), "model.vit_pretrained": None}
+    vit = model_cfg.get("vit_pretrained")
+    if vit and names_a_file(vit):
+        paths["model.vit_pretrained"] = vit  # otherwise a timm model name
+    return {key: str(path) for key, path in paths.items() if path and not is_url(str(path))}
+
+
 def check_checkpoint_files(cfg):
-    for key, path in checkpoint_paths(cfg).items():
+    """Every local checkpoint file the run will read exists (checked before any work)."""
+    for key, path in {**checkpoint_paths(cfg), **model_weight_files(cfg.model)}.items():
         if not os.path.isfile(path):
             raise SettingError(f"{key}: checkpoint file not found: {path}")

@@ -271,3 +271,17 @@ def test_feature_extractor_gives_normalised_features(tmp_path, teacher_file):
     assert image.shape == text.shape == (2, pretrain.vision_proj.out_features)
     torch.testing.assert_close(image.norm(dim=-1), torch.ones(2))
     torch.testing.assert_close(text.norm(dim=-1), torch.ones(2))
+
+
+def test_a_missing_teacher_or_deit_file_is_found_before_any_work(tmp_path, teacher_file):
+    from lavis_accel import config_checks
+    cfg = OmegaConf.create({"model": {"arch": "dlip_pretrain", "load_pretrained": False,
+                                      "teacher": {"pretrained": str(tmp_path / "teacher.pth")},
+                                      "vit_pretrained": "deit_small_patch16_224"}, "run": {}})
+    with pytest.raises(SettingError, match=r"model.teacher.pretrained: checkpoint file not found: .*teacher.pth"):
+        config_checks.check_checkpoint_files(cfg)
+    cfg.model.teacher.pretrained = teacher_file
+    config_checks.check_checkpoint_files(cfg)  # a timm name is not a file: it is looked up when the model is built
+    cfg.model.vit_pretrained = str(tmp_path / "deit.pth")
+    with pytest.raises(SettingError, match=r"model.vit_pretrained: checkpoint file not found: .*deit.pth"):
+        config_checks.check_checkpoint_files(cfg)

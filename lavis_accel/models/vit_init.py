@@ -10,23 +10,15 @@ A local file that is missing or does not fit is an error; a timm name whose weig
 cached) leaves the ViT random with a warning, so a run without internet still starts.
 """
 import logging
-import os
 
 from lavis.models.vit import interpolate_pos_embed
 
-from lavis_accel.checkpoints import safe_load
+from lavis_accel.checkpoints import names_a_file, safe_load
 from lavis_accel.errors import SettingError
 
 logger = logging.getLogger(__name__)
 
 SETTING = "model.vit_pretrained"
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-
-
-def _is_local_file_name(name):
-    return os.sep in name or name.endswith(CHECKPOINT_SUFFIXES)
-
-
 def _state_dict_of(obj, path):
     """The ViT state dict inside a loaded checkpoint object (DeiT releases wrap it in ``model``)."""
     for key in ("model", "state_dict"):
@@ -78,7 +70,7 @@ def load_vit_pretrained(vit, name):
         logger.info("%s: not set, the ViT starts from random weights", SETTING)
         return False
     name = str(name)
-    if _is_local_file_name(name) or os.path.exists(name):
+    if names_a_file(name):
         state_dict = _state_dict_of(safe_load(name, SETTING), name)
     else:
         state_dict = _timm_state_dict(name)

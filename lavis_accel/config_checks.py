@@ -297,7 +297,13 @@ def model_weight_files(model_cfg):
 
 
 def check_checkpoint_files(cfg):
-    """Every local checkpoint file the run will read exists (checked before any work)."""
+    """The run names the weights its arch needs, and every local checkpoint file it will read exists (checked
+    before any work)."""
+    model_cls = registry.get_model_class(cfg.model.get("arch"))
+    unnamed = getattr(model_cls, "unnamed_weights", None)  # archs without published weights (DLIP's students)
+    problem = unnamed(cfg.model) if unnamed is not None else None
+    if problem:
+        raise SettingError(problem)
     for key, path in {**checkpoint_paths(cfg), **model_weight_files(cfg.model)}.items():
         if not os.path.isfile(path):
             raise SettingError(f"{key}: checkpoint file not found: {path}")

@@ -232,11 +232,23 @@ def test_a_teacher_with_other_heads_fails_in_one_line(tmp_path, teacher_file):
         student(teacher_file, teacher={"pretrained": str(path), "med_config_path": str(med)})
 
 
-def test_default_yamls_name_no_weights_and_say_so():
+def test_default_yamls_name_no_weights_warn_and_a_run_refuses_them(caplog, tmp_path):
+    from lavis.models import load_model
+    from lavis_accel import config_checks
+    with caplog.at_level(logging.WARNING):
+        model, vis, txt = load_model_and_preprocess("dlip_feature_extractor", "base", is_eval=True)
+    assert "model.pretrained: dlip_feature_extractor has no published weights" in caplog.text
+    assert model.visual_encoder.embed_dim == 384 and "eval" in vis
+    with torch.no_grad():
+        model.text_proj.weight.fill_(0.5)
+    path = tmp_path / "dlip_features.pth"
+    torch.save({"model": model.state_dict()}, path)
+    loaded = load_model("dlip_feature_extractor", "base", checkpoint=str(path))
+    assert torch.all(loaded.text_proj.weight == 0.5)
+    cfg = OmegaConf.create({"model": {"arch": "dlip_caption", "model_type": "flickr", "load_finetuned": True},
+                            "run": {}})
     with pytest.raises(SettingError, match="model.finetuned: dlip_caption has no published weights"):
-        load_model_and_preprocess("dlip_caption", "flickr", is_eval=True)
-    with pytest.raises(SettingError, match="model.pretrained: dlip_feature_extractor has no published weights"):
-        load_model_and_preprocess("dlip_feature_extractor", "base", is_eval=True)
+        config_checks.check_checkpoint_files(cfg)
 
 
 def test_caption_generates_with_the_serving_defaults(monkeypatch):

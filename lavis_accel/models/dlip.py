@@ -12,6 +12,7 @@ its task losses (recorded with :mod:`lavis_accel.patch.med_record`); the teacher
 As in the reference, the teacher's ITC targets use the student's queue (already holding this batch's momentum
 features) and temperature, and alpha follows BLIP's ramp over the first two epochs.
 """
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -33,6 +34,8 @@ from lavis_accel.patch.med_record import LastLayerRecorder
 from lavis_accel.reduce import dlip as terms
 from lavis_accel.registration import register_model
 
+logger = logging.getLogger(__name__)
+
 STUDENT_MED_CONFIG = packaged_config("med_config_small.json")
 ITC_LOSSES = ("softmax", "sigmoid")
 DISTILLATION_TERMS = ("image_feature", "text_feature", "fused_feature", "decoder_feature", "itc", "lm_logits",
@@ -47,19 +50,19 @@ def student_config(cfg):
     return OmegaConf.merge(cfg, {"med_config_path": STUDENT_MED_CONFIG})
 
 
-def require_named_weights(arch, cfg, loads_finetuned=True):
-    """No DLIP weights are published: a config that asks LAVIS to load weights must name the file.
+def unnamed_weights(arch, cfg, loads_finetuned=True):
+    """Why ``cfg`` asks LAVIS to load weights without naming them, or None (no DLIP weights are published).
 
     ``loads_finetuned``: whether the arch reads ``finetuned`` at all (the feature extractor reads ``pretrained`` only).
     """
     if loads_finetuned and cfg.get("load_finetuned", True):
         if not cfg.get("finetuned"):
-            raise SettingError(
-                f"model.finetuned: {arch} has no published weights; name a fine-tuned DLIP checkpoint, or set "
-                f"load_finetuned: False and model.pretrained to a dlip_pretrain checkpoint")
+            return (f"model.finetuned: {arch} has no published weights; name a fine-tuned DLIP checkpoint, or set "
+                    f"load_finetuned: False and model.pretrained to a dlip_pretrain checkpoint")
     elif cfg.get("load_pretrained", True) and not cfg.get("pretrained"):
-        raise SettingError(f"model.pretrained: {arch} has no published weights; name a dlip_pretrain checkpoint "
-                           f"(projects/dlip/train/pretrain.yaml writes one), or set load_pretrained: False")
+        return (f"model.pretrained: {arch} has no published weights; name a DLIP checkpoint (projects/dlip/train/"
+                f"pretrain.yaml writes one), or set load_pretrained: False")
+    return None
 
 
 @dataclass
@@ -192,15 +195,28 @@ class DlipPretrain(BlipPretrain):
 
 
 class DlipStudent:
-    """What a fine-tuning or inference DLIP arch adds to its BLIP parent: the student's BERT by default, and a clear
-    error when the config asks for weights without naming them."""
+    """What a fine-tuning or inference DLIP arch adds to its BLIP parent: the student's BERT by default, and no
+    download of weights that do not exist.
+
+    A config that names no weights builds a random model with a warning, so that LAVIS's
+    ``load_model(arch, type, checkpoint=path)`` and ``load_model_and_preprocess`` work with one's own checkpoint;
+    a ``lavis-accel`` run refuses such a config before any work (``config_checks.check_checkpoint_files``).
+    """
 
     LOADS_FINETUNED = True
 
     @classmethod
+    def unnamed_weights(cls, cfg):
+        return unnamed_weights(cls.ARCH, cfg, cls.LOADS_FINETUNED)
+
+    @classmethod
     def from_config(cls, cfg=None):
         cfg = student_config(cfg)
-        require_named_weights(cls.ARCH, cfg, cls.LOADS_FINETUNED)
+        problem = cls.unnamed_weights(cfg)
+        if problem:
+            logger.warning("%s; the model is randomly initialised (load_model(..., checkpoint=path) loads a file)",
+                           problem)
+            cfg = OmegaConf.merge(cfg, {"load_finetuned": False, "load_pretrained": False, "pretrained": None})
         return super().from_config(cfg)
 
 

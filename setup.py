@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 setup(
     name="lavis_accel",
     version="0.1.0",
-    description="Token reduction (Turbo, ToMe, ...) and compact models for Salesforce LAVIS",
+    description="Token reduction (Turbo, ToMe, MADTP, CrossGET) and compact models (DLIP) for Salesforce LAVIS",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
@@ -21,6 +21,8 @@ setup(
         "omegaconf",
         "matplotlib",
         "pillow",
+        "webdataset",  # the image_text_shards builder (a dependency of LAVIS too)
+        "timm",  # DLIP's DeiT start (a dependency of LAVIS too)
     ],
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": ["lavis-accel=lavis_accel.cli:main"]},

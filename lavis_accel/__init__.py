@@ -12,6 +12,7 @@ from lavis_accel import registration  # noqa: E402
 from lavis_accel import processors  # noqa: E402,F401  (registers the reducers)
 from lavis_accel import models  # noqa: E402,F401  (registers the models and config extensions)
 from lavis_accel import tasks  # noqa: E402,F401  (registers the MADTP and CrossGET training tasks)
+from lavis_accel import datasets  # noqa: E402,F401  (registers the image_text_shards and flickr30k_caption builders)
 from lavis_accel import runner_state  # noqa: E402
 
 compat.enable_cpu_runner()

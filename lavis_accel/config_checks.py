@@ -160,7 +160,8 @@ def check_processors(datasets_cfg):
 
 
 def check_dataset_paths(datasets_cfg):
-    """Every annotation file and image folder a dataset reads must exist (annotations with a URL may be fetched)."""
+    """Every annotation file and image folder a dataset reads must exist (annotations with a URL may be fetched),
+    and whatever else its builder checks (``check_paths``: the shards of ``image_text_shards``)."""
     for name, dataset in datasets_cfg.items():
         build_info = dataset.get("build_info", {})
         for split, ann in build_info.get("annotations", {}).items():
@@ -176,6 +177,9 @@ def check_dataset_paths(datasets_cfg):
             path = visual.storage if os.path.isabs(visual.storage) else get_cache_path(visual.storage)
             if not os.path.exists(path):
                 raise SettingError(f"datasets.{name}.build_info.{data_type}.storage: {path} does not exist")
+        check_own_paths = getattr(registry.get_builder_class(name), "check_paths", None)  # e.g. tar shards
+        if check_own_paths is not None:
+            check_own_paths(name, dataset)
 
 
 def checkpoint_paths(cfg):

@@ -40,6 +40,13 @@ def _check_int(run, key, minimum, required=False):
         raise SettingError(f"run.{key} must be an integer of at least {minimum}, not {value!r}")
 
 
+def _check_whole_number(run, key):
+    """A count LAVIS reads with ``int()``: at least 1, and whole (LAVIS's yamls write ``max_iters: 2e4``, a float)."""
+    value = run.get(key)
+    if not (_is_number(value) and not isinstance(value, str) and value >= 1 and int(value) == value):
+        raise SettingError(f"run.{key} must be a whole number of at least 1 for run.runner runner_iter, not {value!r}")
+
+
 def _check_number(run, key):
     if key in run and run[key] is not None and not _is_number(run[key]):
         raise SettingError(f"run.{key} must be a number, not {run[key]!r}")
@@ -102,6 +109,15 @@ def check_splits(run, datasets_cfg):
                                    f"{', '.join(sorted(available))})")
 
 
+def check_streamed_datasets(runner, datasets_cfg):
+    """A dataset streamed without end (a builder with ``STREAMED = True``, e.g. ``image_text_shards``) has no length:
+    only LAVIS's ``runner_iter`` trains on it (``runner_base`` needs the length of an epoch)."""
+    for name in datasets_cfg:
+        if runner != "runner_iter" and getattr(registry.get_builder_class(name), "STREAMED", False):
+            raise SettingError(f"datasets.{name} is streamed, without a length: train it with run.runner: runner_iter "
+                               f"(and run.max_iters, run.iters_per_inner_epoch), not {runner}")
+
+
 def check_run(cfg, mode):
     """Check the ``run:`` settings of a merged project config for ``mode`` (train or evaluate)."""
     run = cfg.run
@@ -129,6 +145,10 @@ def check_run(cfg, mode):
         _check_int(run, "batch_size_train", 1, required=True)
         if runner == "runner_base":
             _check_int(run, "max_epoch", 1, required=True)
+        if runner == "runner_iter":
+            for key in ("max_iters", "iters_per_inner_epoch"):
+                _check_whole_number(run, key)
+        check_streamed_datasets(runner, cfg.datasets)
     on_bad_sample = run.get("on_bad_sample", "error")
     if on_bad_sample not in ON_BAD_SAMPLE:
         raise SettingError(f"run.on_bad_sample must be one of {', '.join(ON_BAD_SAMPLE)}, not {on_bad_sample!r}")

@@ -1,17 +1,23 @@
-"""Data for LAVIS that LAVIS lacks: synthetic scenes written in LAVIS's own annotation formats."""
+"""Data for LAVIS that LAVIS lacks: synthetic scenes written in LAVIS's own annotation formats (and as img2dataset
+tar shards), and the dataset builders ``image_text_shards`` and ``flickr30k_caption``, registered on import."""
 from lavis_accel.datasets.language import CAPTION_PROMPT, PLACES, answer_list, captions, corpus, questions, statements
 from lavis_accel.datasets.scenes import COLORS, KINDS, POSITIONS, Scene, Shape, generate_scenes, render
 from lavis_accel.datasets.synthetic import (
     set_cache_root,
     write_all,
     write_caption,
+    write_flickr30k_caption,
     write_nlvr,
     write_retrieval,
     write_vqa,
 )
+from lavis_accel.datasets.pairs import PAIR_DATASETS, write_image_text_pairs
+from lavis_accel.datasets.shards import ImageTextShards, scene_samples, shard_share, shard_urls, write_scene_shards
+from lavis_accel.datasets import builders  # noqa: E402,F401  (registers image_text_shards, flickr30k_caption)
 
 __all__ = [
-    "CAPTION_PROMPT", "COLORS", "KINDS", "PLACES", "POSITIONS", "Scene", "Shape", "answer_list", "captions", "corpus",
-    "generate_scenes", "questions", "render", "set_cache_root", "statements", "write_all", "write_caption",
-    "write_nlvr", "write_retrieval", "write_vqa",
+    "CAPTION_PROMPT", "COLORS", "ImageTextShards", "KINDS", "PAIR_DATASETS", "PLACES", "POSITIONS", "Scene", "Shape",
+    "answer_list", "captions", "corpus", "generate_scenes", "questions", "render", "scene_samples", "set_cache_root",
+    "shard_share", "shard_urls", "statements", "write_all", "write_caption", "write_flickr30k_caption",
+    "write_image_text_pairs", "write_nlvr", "write_retrieval", "write_scene_shards", "write_vqa",
 ]

@@ -92,9 +92,9 @@ def _dataset_entry(name, annotations, image_dir, image_size, text_processor, tra
     }}
 
 
-def _write_karpathy(dataset_dir, by_split, image_size):
-    """Images and ``coco_karpathy_{split}.json``: one (caption, image) pair per entry for train, one image with its
-    list of captions per entry for val and test, as in LAVIS's COCO files."""
+def _write_karpathy(dataset_dir, by_split, image_size, file_name="coco_karpathy_{split}.json"):
+    """Images and ``coco_karpathy_{split}.json`` (``file_name``): one (caption, image) pair per entry for train, one
+    image with its list of captions per entry for val and test, as in LAVIS's COCO (and Flickr30k) files."""
     image_dir = os.path.join(dataset_dir, "images")
     files = {}
     for split, items in by_split.items():
@@ -106,7 +106,7 @@ def _write_karpathy(dataset_dir, by_split, image_size):
                 entries += [{"caption": c, "image": name, "image_id": f"synthetic_{image_id}"} for c in captions(scene)]
             else:
                 entries.append({"image": name, "caption": captions(scene)})
-        path = os.path.join(dataset_dir, "annotations", f"coco_karpathy_{split}.json")
+        path = os.path.join(dataset_dir, "annotations", file_name.format(split=split))
         files[split] = _local(_write_json(path, entries))
     return files, image_dir
 
@@ -144,6 +144,17 @@ def write_caption(root, n_train=200, n_val=50, n_test=50, image_size=96, seed=0,
         _write_json(os.path.join(root, "coco_gt", f"coco_karpathy_{split}_gt.json"),
                     caption_ground_truth(by_split[split]))
     return _dataset_entry("coco_caption", files, image_dir, image_size, "blip_caption", {"prompt": prompt})
+
+
+def write_flickr30k_caption(root, n_train=200, n_val=50, n_test=50, image_size=96, seed=0, prompt=CAPTION_PROMPT):
+    """Write a ``flickr30k_caption`` dataset under ``<root>/flickr30k_caption`` (``train.json``, ``val.json``,
+    ``test.json``, the file names of LAVIS's Flickr30k) and return its ``datasets:`` entry. No ground truth file:
+    the task ``captioning_own_gt`` scores against the annotations themselves."""
+    sizes = {"train": n_train, "val": n_val, "test": n_test}
+    _check_settings(sizes, image_size)
+    dataset_dir = os.path.join(os.path.abspath(root), "flickr30k_caption")
+    files, image_dir = _write_karpathy(dataset_dir, _scenes_by_split(sizes, seed), image_size, "{split}.json")
+    return _dataset_entry("flickr30k_caption", files, image_dir, image_size, "blip_caption", {"prompt": prompt})
 
 
 def _vqa_official_files(directory, split, records):

@@ -3,12 +3,17 @@
 A dataset is written by a writer of ``lavis_accel.datasets`` when LAVIS reads it with the same dataset classes as
 that writer's dataset (so the same annotation format): Flickr30k retrieval as COCO retrieval, OK-VQA as VQAv2.
 Visual Genome QA (``vg_vqa``) differs in one field only (one answer string per question, not a list), so its
-writer converts the VQA writer's training questions. Any other dataset has no writer and is refused in one line.
+writer converts the VQA writer's training questions. LAVIS's pretraining datasets (CC3M, CC12M, SBU, VG captions)
+have a train split only, written from the train size; ``image_text_shards`` gets the train size's samples in two
+tar shards. Any other dataset has no writer and is refused in one line.
 """
 import json
 import os
 
-from lavis_accel.datasets import write_caption, write_nlvr, write_retrieval, write_vqa
+from lavis_accel.datasets import (
+    PAIR_DATASETS, write_caption, write_flickr30k_caption, write_image_text_pairs, write_nlvr, write_retrieval,
+    write_scene_shards, write_vqa,
+)
 from lavis_accel.errors import SettingError
 
 # images (NLVR2: image pairs) per split; 8 evaluation examples make a score of exactly 0 unlikely even for a random
@@ -40,6 +45,18 @@ def write_vg_vqa(root, **sizes):
     return {"vg_vqa": entry}
 
 
+def _pairs(name):
+    """The writer of LAVIS pretraining dataset ``name`` (a train split of ``n_train`` images)."""
+    def write(root, n_train, **_):
+        return write_image_text_pairs(root, name, n=n_train)
+    return write
+
+
+def write_shards(root, n_train, **_):
+    """``n_train`` samples in two shards (the tiny run has one rank and no DataLoader workers: one would do)."""
+    return write_scene_shards(root, n=n_train, shard_size=max(1, (n_train + 1) // 2))
+
+
 WRITERS = {
     "coco_retrieval": write_retrieval,
     "flickr30k": _renamed(write_retrieval, "flickr30k"),
@@ -48,6 +65,9 @@ WRITERS = {
     "ok_vqa": _renamed(write_vqa, "ok_vqa"),
     "vg_vqa": write_vg_vqa,
     "nlvr": write_nlvr,
+    "flickr30k_caption": write_flickr30k_caption,  # scored by captioning_own_gt against its own annotations
+    "image_text_shards": write_shards,
+    **{name: _pairs(name) for name in PAIR_DATASETS},
 }
 
 

@@ -10,6 +10,7 @@ _KINDS = {
     "model": ("model_name_mapping", registry.register_model),
     "processor": ("processor_name_mapping", registry.register_processor),
     "task": ("task_name_mapping", registry.register_task),
+    "builder": ("builder_name_mapping", registry.register_builder),
 }
 
 
@@ -37,6 +38,10 @@ def register_processor(name):
 
 def register_task(name):
     return _register_once("task", name)
+
+
+def register_builder(name):
+    return _register_once("builder", name)
 
 
 def refresh_model_zoo():

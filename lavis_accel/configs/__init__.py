@@ -9,3 +9,8 @@ from importlib import resources
 def packaged_config(filename):
     """Absolute path of ``lavis_accel/configs/models/<filename>``."""
     return str(resources.files("lavis_accel") / "configs" / "models" / filename)
+
+
+def packaged_dataset_config(name):
+    """Absolute path of ``lavis_accel/configs/datasets/<name>/defaults.yaml`` (a builder's default yaml)."""
+    return str(resources.files("lavis_accel") / "configs" / "datasets" / name / "defaults.yaml")

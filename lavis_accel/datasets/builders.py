@@ -11,7 +11,6 @@ uses (registered when ``lavis_accel.datasets`` is imported):
   with the task ``captioning_own_gt``: LAVIS's ``captioning`` scores against COCO's ground truth.
 """
 import os
-from importlib import resources
 
 import webdataset as wds
 from omegaconf import OmegaConf
@@ -25,27 +24,9 @@ from lavis_accel.checkpoints import rng_state, set_rng_state
 from lavis_accel.datasets.shards import (
     DEFAULT_SHUFFLE_BUFFER, ImageTextShards, check_share, check_shards, shard_urls,
 )
+from lavis_accel.configs import packaged_dataset_config
 from lavis_accel.errors import SettingError
-
-
-def packaged_dataset_config(name):
-    """Absolute path of the default yaml ``lavis_accel/configs/datasets/<name>/defaults.yaml``: LAVIS joins a
-    builder's ``DATASET_CONFIG_DICT`` path to its own package folder, and keeps an absolute one as it is."""
-    return str(resources.files("lavis_accel") / "configs" / "datasets" / name / "defaults.yaml")
-
-
-def register_builder(name):
-    """``registry.register_builder(name)``, once: a second import of this module registers nothing, and a name taken
-    by another class is refused in one line (LAVIS raises on any name registered twice)."""
-    def wrap(cls):
-        existing = registry.mapping["builder_name_mapping"].get(name)
-        if existing is None:
-            return registry.register_builder(name)(cls)
-        if existing.__module__ == cls.__module__ and existing.__qualname__ == cls.__qualname__:
-            return cls
-        raise KeyError(f"lavis_accel: builder name '{name}' is already registered by {existing.__module__}")
-
-    return wrap
+from lavis_accel.registration import register_builder
 
 
 def _job_run_config(builder, name):

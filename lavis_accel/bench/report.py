@@ -1,11 +1,12 @@
-"""Write a benchmark's records as JSON, a markdown table and a PNG plot of speed-up and FLOPs ratio against r."""
+"""Write a benchmark's records as JSON, a markdown table and a PNG plot of speed-up and FLOPs ratio against r (a
+distilled student's: bars of its speed-up, FLOPs ratio and parameter ratio over its full-size parent)."""
 import json
 import os
 from typing import List, Optional, Sequence
 
 from lavis_accel.bench.machine import BUSY_SHARE
 from lavis_accel.bench.precision import markdown as precision_markdown
-from lavis_accel.bench.settings import PARENT, SDPA
+from lavis_accel.bench.settings import PARENT, SDPA, STUDENT
 from lavis_accel.bench.throughput import CONFIDENCE, TRUSTED_HALF_WIDTH
 
 PARTS = (("vision_", "vision encoder (per image)"), ("text_", "text encoder (per caption)"),
@@ -96,6 +97,23 @@ def _text_cells(record) -> List[str]:
             _speedup(record, "text_speedup"), _fmt(record["text_flops_ratio"]), _fmt(pair, 4) + share]
 
 
+def _params_cell(record) -> str:
+    """Parameters the step reads, in millions; a student's with its share of its parent's."""
+    cell = f"{record['params'] / 1e6:.1f}"
+    share = record.get("params_share")
+    return cell + (f" ({share:.0%})" if record.get("role") == STUDENT and share is not None else "")
+
+
+def _student_note(first) -> str:
+    """The header sentence of a distilled student's bench: what it is compared with."""
+    if "parent_arch" not in first:
+        return ""
+    return (f" The student {first['arch']} / {first['model_type']} is compared with LAVIS's {first['parent_arch']}"
+            f" / {first['parent_model_type']} at its full size, both stock (no reducer, so no SDPA row), random"
+            " weights, the same inputs; params: those the step reads (momentum copies and queues are not), with the"
+            " student's share of the parent's.")
+
+
 def markdown_table(records: Sequence[dict]) -> str:
     """A header naming model, device and task, then one row per setting (text columns when the text encoder was
     measured)."""
@@ -114,7 +132,7 @@ def markdown_table(records: Sequence[dict]) -> str:
         " rounds. Speed-up: median of per-round ratios to the LAVIS parent timed in the same round, [its"
         " confidence interval], ⚠ when too wide to trust; \"vs SDPA\" against the plugin's patch merging nothing"
         " (r=0), which isolates the reduction's own gain. FLOPs ratio: counted GFLOPs of the baseline over the"
-        " setting's.",
+        " setting's." + _student_note(first),
         "",
         "| " + " | ".join(header) + " |",
         "|---" * len(header) + "|",
@@ -128,7 +146,7 @@ def markdown_table(records: Sequence[dict]) -> str:
             _fmt(record["task_gflops"], 4), _throughput(record, ""),
             _speedup(record, "speedup"), _fmt(record["flops_ratio"]), _speedup(record, "speedup_vs_sdpa"),
             _fmt(record["flops_ratio_vs_sdpa"]),
-            f"{record['params'] / 1e6:.1f}", f"{record['peak_mem_mb']:.0f}",
+            _params_cell(record), f"{record['peak_mem_mb']:.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [""] + [f"⚠ {warning}" for warning in untrusted(records)]
@@ -168,8 +186,44 @@ def _curves(records: Sequence[dict], prefix: str):
     }
 
 
+def _student_panel(axis, records, prefix, title) -> None:
+    """Bars of each student's speed-up (with its interval), FLOPs ratio and parameter ratio over the parent."""
+    students = [record for record in records if record["role"] == STUDENT]
+    width = 0.8 / max(1, len(students))
+    names = ("speed-up", "FLOPs ratio", "params ratio")
+    for index, record in enumerate(students):
+        speedup = record[f"{prefix}speedup"]
+        low, high = record[f"{prefix}speedup_ci"]
+        share = record.get("params_share")
+        values = [speedup, record[f"{prefix}flops_ratio"], 1 / share if share else 0.0]
+        errors = [[speedup - low, 0, 0], [high - speedup, 0, 0]]
+        positions = [slot + (index - (len(students) - 1) / 2) * width for slot in range(len(names))]
+        axis.bar(positions, values, width, yerr=errors, capsize=4, color=f"C{index}", label=record["setting"])
+    axis.set_xticks(range(len(names)))
+    axis.set_xticklabels(names)
+    axis.axhline(1.0, color="grey", linewidth=0.8)
+    axis.set_title(title)
+    axis.set_ylabel("x " + next(record["setting"] for record in records if record["role"] == PARENT))
+    axis.legend()
+
+
+def _reducer_panel(axis, records, prefix, title) -> None:
+    """Speed-up (solid) and FLOPs ratio (dashed) against r, one curve pair per reducer."""
+    for index, (name, points) in enumerate(_curves(records, prefix).items()):
+        r_values = [point[0] for point in points]
+        colour = f"C{index}"
+        axis.plot(r_values, [point[1] for point in points], "o-", color=colour, label=f"{name} speed-up")
+        axis.plot(r_values, [point[2] for point in points], "s--", color=colour, label=f"{name} FLOPs ratio")
+    axis.axhline(1.0, color="grey", linewidth=0.8)
+    axis.set_title(title)
+    axis.set_xlabel("r (tokens merged per block; crossget: per image block, rv)")
+    axis.set_ylabel("x parent (LAVIS)")
+    axis.legend()
+
+
 def write_plot(records: Sequence[dict], path: str) -> Optional[str]:
-    """Speed-up (solid) and FLOPs ratio (dashed) against r, one panel per measured part; ``None`` if no part was."""
+    """One panel per measured part: speed-up and FLOPs ratio against r (a student's bench: bars of its ratios to
+    the parent); ``None`` if no part was."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,18 +232,10 @@ def write_plot(records: Sequence[dict], path: str) -> Optional[str]:
     parts = [(prefix, title) for prefix, title in PARTS if records[0].get(f"{prefix}flops_ratio") is not None]
     if not parts:
         return None
+    panel = _student_panel if any(record["role"] == STUDENT for record in records) else _reducer_panel
     figure, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4), squeeze=False)
     for axis, (prefix, title) in zip(axes[0], parts):
-        for index, (name, points) in enumerate(_curves(records, prefix).items()):
-            r_values = [point[0] for point in points]
-            colour = f"C{index}"
-            axis.plot(r_values, [point[1] for point in points], "o-", color=colour, label=f"{name} speed-up")
-            axis.plot(r_values, [point[2] for point in points], "s--", color=colour, label=f"{name} FLOPs ratio")
-        axis.axhline(1.0, color="grey", linewidth=0.8)
-        axis.set_title(title)
-        axis.set_xlabel("r (tokens merged per block; crossget: per image block, rv)")
-        axis.set_ylabel("x parent (LAVIS)")
-        axis.legend()
+        panel(axis, records, prefix, title)
     first = records[0]
     figure.suptitle(f"{first['arch']} / {first['model_type']} on {first['device']}")
     figure.tight_layout()

@@ -1,13 +1,14 @@
 """Benchmark one model in several settings: counted FLOPs, parameters, peak memory, interleaved throughput.
 
 The model is patched in place from setting to setting, so every setting runs the very same weights in the same
-process. Each step is first run once untimed under the FLOP counter and the memory trackers, then all settings are
-timed interleaved (see ``throughput.time_interleaved``).
+process. A distilled student's bench runs two models instead (the full-size parent and the student, each setting
+on its own). Each step is first run once untimed under the FLOP counter and the memory trackers, then all settings
+are timed interleaved (see ``throughput.time_interleaved``).
 """
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from lavis.models.vit import VisionTransformer
@@ -149,9 +150,34 @@ def analytic_vision_gflops(vit, setting: BenchSetting) -> Optional[float]:
     return lavis_vit_flops(vit, schedule, cls_attention_row=cls_row) / 1e9
 
 
-def _profile_all(model, settings, step, device, progress) -> List[Profile]:
+def setting_models(model, settings: Sequence[BenchSetting]) -> list:
+    """The model each setting runs: ``model`` for all (patched from setting to setting), or, when ``model`` maps
+    roles to models (a distilled student's bench: ``{"parent": ..., "student": ...}``), its setting's role's."""
+    if not isinstance(model, Mapping):
+        return [model] * len(settings)
+    missing = sorted({setting.role for setting in settings} - set(model))
+    if missing:
+        raise ValueError(f"run_benchmark: no model for the role(s) {', '.join(missing)}")
+    return [model[setting.role] for setting in settings]
+
+
+def _distinct(models) -> list:
+    """``models`` without repeats, in order (one model patched by every setting appears once)."""
+    seen = {}
+    for model in models:
+        seen.setdefault(id(model), model)
+    return list(seen.values())
+
+
+def setting_steps(models, build: Callable[[object], Step]) -> List[Step]:
+    """One step per setting, built once per distinct model: settings that patch one model share its step."""
+    built = {id(model): build(model) for model in _distinct(models)}
+    return [built[id(model)] for model in models]
+
+
+def _profile_all(models, settings, steps, device, progress) -> List[Profile]:
     profiles = []
-    for setting in settings:
+    for model, setting, step in zip(models, settings, steps):
         setting.activate(model)
         profile = profile_step(model, step, device)
         progress(f"{step.description} | {setting.label}: {profile.gflops_per_sample:.2f} GFLOPs/sample, "
@@ -161,7 +187,7 @@ def _profile_all(model, settings, step, device, progress) -> List[Profile]:
 
 
 def _baselines(settings) -> List[BenchSetting]:
-    """The settings speed-ups are taken against: the LAVIS parent and the SDPA-only patch."""
+    """The settings speed-ups are taken against: the LAVIS parent and the SDPA-only patch (if there is one)."""
     return [setting for setting in settings if setting.role in (PARENT, SDPA)]
 
 
@@ -173,15 +199,16 @@ def _all_trusted(settings):
     return settled
 
 
-def _time_all(model, settings, step, options, progress) -> Dict[str, List[float]]:
+def _time_all(models, settings, steps, options, progress) -> Dict[str, List[float]]:
     contenders = [
-        Contender(setting.label, lambda setting=setting: setting.activate(model), step.run) for setting in settings
+        Contender(setting.label, lambda setting=setting, model=model: setting.activate(model), step.run)
+        for model, setting, step in zip(models, settings, steps)
     ]
-    progress(f"timing {step.description}: {len(settings)} settings x {options.repeats} rounds "
+    progress(f"timing {steps[0].description}: {len(settings)} settings x {options.repeats} rounds "
              f"(up to {options.max_repeats or options.repeats} until speed-ups settle), interleaved")
     with torch.no_grad():
         return time_interleaved(
-            contenders, step.samples, options.device, options.warmup, options.repeats, progress=progress,
+            contenders, steps[0].samples, options.device, options.warmup, options.repeats, progress=progress,
             min_time=options.min_time, max_repeats=options.max_repeats, settled=_all_trusted(settings),
         )
 
@@ -193,6 +220,8 @@ def _ratio(numerator: Optional[float], denominator: Optional[float]) -> Optional
 
 
 def _speedup_fields(name, rates, setting, baseline, machine_busy) -> dict:
+    if baseline is None:  # no such baseline in this bench (a student's has no SDPA-only patch)
+        return {name: None, f"{name}_ci": None, f"{name}_ci_level": None, f"{name}_trusted": None}
     if setting is baseline:  # exactly 1: nothing to estimate
         return {name: 1.0, f"{name}_ci": [1.0, 1.0], f"{name}_ci_level": 1.0, f"{name}_trusted": not machine_busy}
     ratio = paired_ratio(rates[setting.label], rates[baseline.label])
@@ -203,9 +232,9 @@ def _speedup_fields(name, rates, setting, baseline, machine_busy) -> dict:
 def _part_fields(prefix, profiles, rates, settings, index, other_share) -> dict:
     """Per-part record fields: GFLOPs, throughput, and the speed-ups (median of per-round ratios, with their
     confidence interval; not trusted while other processes kept the machine busy) and FLOPs ratios against the
-    parent and the SDPA baseline."""
+    parent and the SDPA baseline (None without one)."""
     roles = [setting.role for setting in settings]
-    parent, sdpa = roles.index(PARENT), roles.index(SDPA)
+    parent, sdpa = roles.index(PARENT), roles.index(SDPA) if SDPA in roles else None
     gflops = [profile.gflops_per_sample for profile in profiles]
     median, spread = median_and_spread(rates[settings[index].label])
     busy = other_share is not None and other_share > BUSY_SHARE
@@ -217,8 +246,9 @@ def _part_fields(prefix, profiles, rates, settings, index, other_share) -> dict:
         f"{prefix}throughput_runs": rates[settings[index].label],
         **_speedup_fields(f"{prefix}speedup", rates, settings[index], settings[parent], busy),
         f"{prefix}flops_ratio": _ratio(gflops[parent], gflops[index]),
-        **_speedup_fields(f"{prefix}speedup_vs_sdpa", rates, settings[index], settings[sdpa], busy),
-        f"{prefix}flops_ratio_vs_sdpa": _ratio(gflops[sdpa], gflops[index]),
+        **_speedup_fields(f"{prefix}speedup_vs_sdpa", rates, settings[index],
+                          settings[sdpa] if sdpa is not None else None, busy),
+        f"{prefix}flops_ratio_vs_sdpa": _ratio(gflops[sdpa], gflops[index]) if sdpa is not None else None,
     }
 
 
@@ -258,40 +288,48 @@ def run_benchmark(
     identity: dict,
     progress: Callable[[str], None] = lambda message: None,
 ) -> List[dict]:
-    """Measure ``model`` in each setting; return one record per setting (``identity`` keys first).
+    """Measure ``model`` in each setting; return one record per setting (``identity`` keys first). ``model`` may
+    map roles to models (see :func:`setting_models`): each setting then runs its role's model.
 
     Task fields have no prefix (``task_gflops`` aside), vision fields start with ``vision_``, text fields with
     ``text_``; a part not in ``options.parts`` has ``None`` values. Vision GFLOPs are per image, text GFLOPs per
     caption, task GFLOPs per task sample; ``pair_gflops`` (vision and text measured) is one image plus one caption
     through the two encoders, as CrossGET's logs count a model.
     """
-    model = model.to(options.device, options.dtype).eval()
-    vit = getattr(model, "visual_encoder", None)  # a BLIP ViT (CLIP has ``visual``)
+    models = setting_models(model, settings)
+    for each in _distinct(models):
+        each.to(options.device, options.dtype).eval()
     steps = {}
     encoder_inputs = StepInputs(options.batch_size, image_size, options.device, seed=options.seed, dtype=options.dtype)
     if VISION in options.parts:
-        steps[VISION] = vision_step(model, encoder_inputs)
+        steps[VISION] = setting_steps(models, lambda each: vision_step(each, encoder_inputs))
     if TEXT in options.parts:
-        steps[TEXT] = text_step(model, encoder_inputs)
+        steps[TEXT] = setting_steps(models, lambda each: text_step(each, encoder_inputs))
     if TASK in options.parts:
         inputs = StepInputs(options.task_batch_size, image_size, options.device, options.candidates, options.seed,
                             options.dtype)
-        steps[TASK] = task_step(model, inputs)
-    profiles = {part: _profile_all(model, settings, step, options.device, progress) for part, step in steps.items()}
+        steps[TASK] = setting_steps(models, lambda each: task_step(each, inputs))
+    profiles = {part: _profile_all(models, settings, part_steps, options.device, progress)
+                for part, part_steps in steps.items()}
     rates, other_shares = {}, {}
-    for part, step in steps.items():
+    for part, part_steps in steps.items():
         with OtherLoad() as load:
-            rates[part] = _time_all(model, settings, step, options, progress)
+            rates[part] = _time_all(models, settings, part_steps, options, progress)
         other_shares[part] = load.share
-    settings[0].activate(model)
+    for each in _distinct(models):  # each model back in its first setting (the parent's, for one patched model)
+        settings[models.index(each)].activate(each)
 
     records = []
+    main_part = next(part for part in (TASK, VISION, TEXT) if part in steps)
+    parent_index = [setting.role for setting in settings].index(PARENT)
     for index, setting in enumerate(settings):
-        main_part = next(part for part in (TASK, VISION, TEXT) if part in steps)
+        model = models[index]
+        vit = getattr(model, "visual_encoder", None)  # a BLIP ViT (CLIP has ``visual``)
         record = dict(identity)
         record.update({
             "setting": setting.label,
             "role": setting.role,
+            "model": setting.model,
             "reducer": setting.reducer.name if setting.reducer else "none",
             "r": setting.reducer.r if setting.reducer else 0,
             "rl": getattr(setting.reducer, "rl", None),
@@ -301,9 +339,13 @@ def run_benchmark(
             "dtype": str(options.dtype).replace("torch.", ""),
             "batch_size": options.batch_size,
             "task_batch_size": options.task_batch_size,
-            "task": steps[TASK].description if TASK in steps else None,
+            "task": steps[TASK][index].description if TASK in steps else None,
             "params": profiles[main_part][index].params_used,
             "params_total": sum(p.numel() for p in model.parameters()),
+            "params_share": _ratio(profiles[main_part][index].params_used,
+                                   profiles[main_part][parent_index].params_used),
+            "params_total_share": _ratio(sum(p.numel() for p in model.parameters()),
+                                         sum(p.numel() for p in models[parent_index].parameters())),
             "peak_mem_mb": profiles[main_part][index].peak_mem_mb,
         })
         if VISION in steps:

@@ -1,5 +1,5 @@
 """The settings a benchmark compares: the stock parent, the SDPA-only baseline, and each reducer at each r or tau
-(CrossGET: at each rv x rl)."""
+(CrossGET: at each rv x rl); for a distilled student arch, the full-size parent and the student."""
 import itertools
 import numbers
 from dataclasses import asdict, dataclass
@@ -11,7 +11,7 @@ from lavis_accel.patch.madtp import checked_temperature
 from lavis_accel.processors import build_reducer
 from lavis_accel.reduce.settings import ReducerSettings
 
-PARENT, SDPA, REDUCED = "parent", "sdpa", "reduced"
+PARENT, SDPA, REDUCED, STUDENT = "parent", "sdpa", "reduced", "student"
 MADTP = "madtp"
 CROSSGET = "crossget"
 
@@ -57,16 +57,22 @@ class BenchSetting:
     """One way to run the model. ``reducer`` is ``None`` for LAVIS's stock model (the parent).
 
     ``role``: ``parent`` (stock LAVIS), ``sdpa`` (the plugin's patch merging nothing, so only attention changes to
-    SDPA: the baseline that separates the gain of the reduction from the gain of SDPA) or ``reduced``.
+    SDPA: the baseline that separates the gain of the reduction from the gain of SDPA), ``reduced``, or
+    ``student`` (a distilled student arch: another, smaller model, stock). ``model``: which model the setting
+    runs when a bench compares two (``blip_retrieval / flickr``), shown in the label; None when all settings patch
+    one model.
     """
 
     role: str
     reducer: Optional[ReducerChoice] = None
+    model: Optional[str] = None
 
     @property
     def label(self) -> str:
+        if self.role == STUDENT:
+            return f"student ({self.model})"
         if self.reducer is None:
-            return "parent (LAVIS)"
+            return f"parent (LAVIS {self.model})" if self.model else "parent (LAVIS)"
         if isinstance(self.reducer, MadtpSettings):
             suffix = " (no pruning)" if self.role == SDPA else ""
             return f"madtp tau={self.reducer.temperature:g}{suffix}"
@@ -136,6 +142,12 @@ def baseline_choice(name: str, arch_block) -> ReducerChoice:
     if name == CROSSGET:
         return crossget_choices([0], [0], arch_block)[0]
     return reducer_settings(name, 0, arch_block)
+
+
+def student_settings(parent: str, student: str) -> List[BenchSetting]:
+    """A distilled student's bench: the full-size LAVIS parent (``parent``, e.g. ``blip_retrieval / flickr``), then
+    the student (``student``, e.g. ``dlip_retrieval / flickr``), both stock (no SDPA baseline: nothing is patched)."""
+    return [BenchSetting(PARENT, model=parent), BenchSetting(STUDENT, model=student)]
 
 
 def bench_settings(reducers: Sequence[str], r_values: Sequence, arch_block: Optional[dict],

@@ -157,13 +157,15 @@ def retrieval_step(model: BlipRetrieval, inputs: StepInputs) -> Step:
 
 
 def caption_step(model: BlipCaption, inputs: StepInputs) -> Step:
-    """``model.generate`` with the beam settings of LAVIS's caption evaluation."""
+    """``model.generate`` with the beam settings of LAVIS's caption evaluation (beam search, named: a model whose
+    ``generate`` samples by default, as DLIP's student does, searches beams too)."""
     generator = torch.Generator().manual_seed(inputs.seed)
     samples = {"image": random_images(inputs, generator)}
 
     def run():
         return model.generate(
-            samples, num_beams=CAPTION_BEAMS, max_length=CAPTION_MAX_LENGTH, min_length=CAPTION_MIN_LENGTH
+            samples, use_nucleus_sampling=False, num_beams=CAPTION_BEAMS, max_length=CAPTION_MAX_LENGTH,
+            min_length=CAPTION_MIN_LENGTH
         )
 
     description = f"caption: beam search ({CAPTION_BEAMS} beams, length {CAPTION_MIN_LENGTH}-{CAPTION_MAX_LENGTH})"

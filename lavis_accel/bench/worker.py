@@ -10,14 +10,14 @@ import sys
 import torch
 
 import lavis_accel  # noqa: F401  (registers the plugin's archs and reducers)
-from lavis_accel.bench.build import arch_spec, build_parent
+from lavis_accel.bench.build import ArchSpec, arch_spec, build_models, build_parent, parent_label
 from lavis_accel.bench.cli import add_arguments
 from lavis_accel.bench.machine import DTYPES, machine_info
 from lavis_accel.bench.precision import compare_precisions
 from lavis_accel.bench.precision import markdown as precision_markdown
 from lavis_accel.bench.report import markdown_table, write_reports
 from lavis_accel.bench.runner import BenchOptions, run_benchmark, stderr_progress
-from lavis_accel.bench.settings import bench_settings
+from lavis_accel.bench.settings import PARENT, bench_settings, student_settings
 from lavis_accel.bench.sweep import run_sweep, write_sweep_reports
 from lavis_accel.bench.tasks import default_candidates
 from lavis_accel.cli import run_guarded
@@ -71,6 +71,49 @@ def r_values_of(args, block):
     return block_values(args.r, block, "r", block_values(None, block, "rv", []))
 
 
+def check_student(args, spec: ArchSpec) -> None:
+    """A distilled student is compared as itself with its full-size parent: no reducer settings, no sweep or second
+    precision (they patch or rebuild one model), and one image size for both models."""
+    compared = f"{spec.arch} is a distilled student, compared as itself with {parent_label(spec)}"
+    for option in ("reducer", "r", "rl", "temperature"):
+        if getattr(args, option) is not None:
+            raise SettingError(f"--{option}: {compared}; it takes no reducer settings")
+    for option, flag in (("sweep", "--sweep"), ("compare_dtype", "--compare-dtype")):
+        if getattr(args, option):
+            raise SettingError(f"{flag}: not for a distilled student yet ({compared})")
+    if spec.image_size != spec.parent.image_size:
+        raise SettingError(f"{spec.arch} / {spec.model_type}: its image size {spec.image_size} differs from "
+                           f"{parent_label(spec)}'s {spec.parent.image_size}; the bench feeds both the same images")
+
+
+def settings_of(args, spec: ArchSpec):
+    """The settings to compare: the arch's reducers at each r / tau / (rv, rl), or a student and its parent."""
+    if spec.is_student:
+        check_student(args, spec)
+        return student_settings(parent_label(spec), f"{spec.arch} / {spec.model_type}")
+    block = spec.reducer_config
+    reducers = args.reducer or ([block["name"]] if block else [])
+    return bench_settings(reducers, r_values_of(args, block), block, block_values(args.temperature, block,
+                          "temperature", []), block_values(args.rl, block, "rl", [0]))
+
+
+def building_message(spec: ArchSpec, sizes, device) -> str:
+    """The progress line saying which model(s) are built: a student's bench builds its parent and itself."""
+    what = f"{spec.parent_class.__name__} for {spec.arch} / {spec.model_type}"
+    if spec.is_student:
+        what = (f"{spec.parent.parent_class.__name__} ({parent_label(spec)}) and the student "
+                f"{spec.arch_class.__name__} ({spec.arch} / {spec.model_type})")
+    return f"building {what} ({', '.join(map(str, sizes))} px, random weights) on {device}"
+
+
+def identity_of(spec: ArchSpec) -> dict:
+    """The keys every record starts with: the arch, and a student's parent arch and type."""
+    identity = {"arch": spec.arch, "model_type": spec.model_type}
+    if spec.is_student:
+        identity.update(parent_arch=spec.parent.arch, parent_model_type=spec.parent.model_type)
+    return identity
+
+
 def bench(args) -> int:
     check_counts(args)
     check_precisions(args)
@@ -78,23 +121,20 @@ def bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = arch_spec(args.arch, args.model_type)
-    block = spec.reducer_config
-    reducers = args.reducer or ([block["name"]] if block else [])
-    settings = bench_settings(reducers, r_values_of(args, block), block, block_values(args.temperature, block,
-                              "temperature", []), block_values(args.rl, block, "rl", [0]))
+    settings = settings_of(args, spec)
     out_dir = args.out or os.path.join("output", "bench", f"{args.arch}_{args.model_type}")
 
     progress = stderr_progress()
     sizes = args.image_sizes if args.sweep else [spec.image_size]
-    progress(f"building {spec.parent_class.__name__} for {args.arch} / {args.model_type} "
-             f"({', '.join(map(str, sizes))} px, random weights) on {device}")
+    progress(building_message(spec, sizes, device))
     torch.manual_seed(args.seed)
-    model = None if args.sweep else build_parent(spec)
+    model = None if args.sweep else build_models(spec)
+    parent = model[PARENT] if isinstance(model, dict) else model
     options = BenchOptions(
         parts=tuple(args.parts),
         batch_size=args.batch_size,
         task_batch_size=args.task_batch_size,
-        candidates=args.candidates or (1 if args.sweep else default_candidates(model)),
+        candidates=args.candidates or (1 if args.sweep else default_candidates(parent)),
         warmup=args.warmup,
         repeats=args.repeats,
         max_repeats=args.max_repeats or 3 * args.repeats,
@@ -104,7 +144,7 @@ def bench(args) -> int:
         seed=args.seed,
     )
     progress("settings: " + ", ".join(setting.label for setting in settings))
-    identity = {"arch": args.arch, "model_type": args.model_type}
+    identity = identity_of(spec)
     machine = machine_info(device, DTYPES[args.dtype])
     if args.sweep:
         records = run_sweep(spec, settings, options, args.image_sizes, args.batch_sizes, identity, progress)

@@ -230,6 +230,7 @@ class DlipRetrieval(DlipStudent, BlipRetrieval):
     """
 
     ARCH = "dlip_retrieval"
+    PARENT_MODEL_TYPES = {"flickr": "flickr", "coco": "coco"}  # the BLIP it replaces (lavis-accel bench's parent row)
     PRETRAINED_MODEL_CONFIG_DICT = {
         "flickr": packaged_config("dlip_retrieval_flickr.yaml"),
         "coco": packaged_config("dlip_retrieval_coco.yaml"),
@@ -250,6 +251,7 @@ class DlipCaption(DlipStudent, BlipCaption):
     """
 
     ARCH = "dlip_caption"
+    PARENT_MODEL_TYPES = {"flickr": "base_coco", "coco": "base_coco"}  # LAVIS has no blip_caption flickr
     PRETRAINED_MODEL_CONFIG_DICT = {
         "flickr": packaged_config("dlip_caption_flickr.yaml"),
         "coco": packaged_config("dlip_caption_coco.yaml"),

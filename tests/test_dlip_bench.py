@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 import lavis_accel  # noqa: F401  (registers the DLIP archs)
 from lavis.models.blip_models.blip_caption import BlipCaption
 from lavis.models.blip_models.blip_retrieval import BlipRetrieval
-from lavis_accel.bench import build, report, runner, worker
+from lavis_accel.bench import report, runner, worker
 from lavis_accel.bench.build import arch_spec, build_models, parent_label
 from lavis_accel.bench.runner import BenchOptions, run_benchmark
 from lavis_accel.bench.settings import PARENT, STUDENT, student_settings

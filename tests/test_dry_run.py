@@ -11,10 +11,12 @@ import sys
 import tempfile
 
 import pytest
+import torch
 from lavis.common.registry import registry
 from omegaconf import OmegaConf
 
 from lavis_accel import cli
+from lavis_accel.testing.projects import tiny_project
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = sorted(glob.glob(os.path.join(REPO, "projects", "**", "*.yaml"), recursive=True))
@@ -46,6 +48,11 @@ def report_rows(out):
     return {name: text for name, text in rows}
 
 
+def evaluates(run, training):
+    """Whether a yaml's job evaluates a split: a training yaml its valid and test splits, an eval yaml its test."""
+    return bool(run.get("test_splits") or (training and run.get("valid_splits")))
+
+
 def test_every_shipped_yaml_is_covered():
     assert len(SHIPPED) >= 5, SHIPPED
 
@@ -56,10 +63,14 @@ def test_dry_run_passes(cfg_path, capsys, tmp_path, monkeypatch):
     status, out, err = dry_run(capsys, "--cfg-path", cfg_path)
     assert status == 0, out + "\n".join(err)
     rows = report_rows(out)
-    training = not OmegaConf.load(cfg_path).run.get("evaluate", False)
+    run = OmegaConf.load(cfg_path).run
+    training = not run.get("evaluate", False)
     assert rows["config"].startswith("parsed and checked")
     assert "LAVIS's builders read train" in rows["data"]
-    assert rows["evaluation"].split("metrics: ")[1]  # LAVIS's task wrote metrics (their names are listed)
+    if evaluates(run, training):
+        assert rows["evaluation"].split("metrics: ")[1]  # LAVIS's task wrote metrics (their names are listed)
+    else:  # pretraining (DLIP): no split to evaluate
+        assert rows["evaluation"] == "none (no valid_splits or test_splits)"
     if training:
         assert "`lavis-accel train` ran on CPU" in out
         assert rows["training"].startswith("1 epoch, ") and "train_loss" in rows["training"]
@@ -158,3 +169,54 @@ def test_an_iteration_based_yaml_runs_one_short_inner_epoch(capsys, tmp_path, mo
     assert rows["training"].startswith("1 epoch, 5 steps, train_loss")
     assert rows["checkpoint"].startswith("checkpoint_5.pth")  # runner_iter names checkpoints by iteration
     assert rows["evaluation"] == "none (no valid_splits or test_splits)"
+
+
+# --- DLIP: a model with a teacher ------------------------------------------------------------------------------------
+
+DLIP_PRETRAIN = os.path.join(REPO, "projects", "dlip", "train", "pretrain.yaml")
+
+
+def test_the_dlip_yamls_are_rehearsed():
+    dlip = {os.path.relpath(path, REPO) for path in SHIPPED if os.sep + "dlip" + os.sep in path}
+    assert dlip >= {os.path.join("projects", "dlip", name) for name in (
+        "train/pretrain.yaml", "train/pretrain_shards.yaml", "train/retrieval_flickr_ft.yaml",
+        "train/caption_flickr_ft.yaml", "eval/ret_flickr_eval.yaml", "eval/ret_coco_eval.yaml",
+        "eval/caption_flickr_eval.yaml", "eval/caption_coco_eval.yaml")}
+
+
+def test_a_dlip_pretraining_rehearses_with_the_teacher_its_yaml_names(capsys, tmp_path):
+    """The project's own teacher block (here a retrieval BLIP, which has no text decoder) is made tiny, written as a
+    random checkpoint inside the workdir, and distils the student in the job."""
+    workdir = tmp_path / "work"
+    status, out, err = dry_run(capsys, "--cfg-path", DLIP_PRETRAIN, "--options", "model.teacher.arch=blip_retrieval",
+                               "model.teacher.model_type=coco", "--workdir", str(workdir))
+    assert status == 0, out + "\n".join(err)
+    teacher = OmegaConf.load(workdir / "tiny_pretrain.yaml").model.teacher
+    assert (teacher.arch, teacher.model_type, teacher.vit_type) == ("blip_retrieval", "coco", "tiny")
+    assert teacher.pretrained == str(workdir / "teacher" / "tiny_teacher.pth")
+    assert "model" in torch.load(teacher.pretrained, map_location="cpu")
+    assert "frozen tiny random teacher blip_retrieval (coco)" in report_rows(out)["model"]
+    assert "has no text decoder; the decoder terms of the distillation are left out" in (
+        workdir / "dry_run.log").read_text()
+
+
+@pytest.mark.parametrize("teacher, expected", [
+    ({}, "blip_pretrain"),  # the arch's default block (model_base_capfilt_large)
+    ({"arch": "blip_retrieval", "model_type": "flickr"}, "blip_retrieval"),
+    (None, None),  # teacher: null trains the student on its task losses only
+])
+def test_a_tiny_dlip_project_keeps_its_teacher(teacher, expected, tmp_path):
+    cfg = OmegaConf.load(DLIP_PRETRAIN)
+    if teacher is None:
+        cfg.model.teacher = None
+    elif not teacher:
+        del cfg.model["teacher"]
+    else:
+        cfg.model.teacher = teacher
+    tiny = tiny_project(cfg, {name: {} for name in cfg.datasets}, tmp_path, teacher_checkpoint=tmp_path / "t.pth")
+    if expected is None:
+        assert tiny.model.teacher is None
+        return
+    assert tiny.model.teacher.arch == expected and tiny.model.teacher.vit_type == "tiny"
+    assert tiny.model.teacher.image_size == tiny.model.image_size  # the student's and teacher's tokens pair up
+    assert tiny.model.teacher.pretrained == str(tmp_path / "t.pth")

@@ -2,10 +2,11 @@
 
 The yaml is parsed and checked as ``lavis-accel train`` checks it; the same arch is built at tiny size, synthetic
 data is written in the formats of the datasets it names (``data.py``), and the run is cut to one short epoch
-(``tiny.py``). The tiny yaml then runs through the real CLI, ``lavis-accel train`` (or ``evaluate`` for a
-``run.evaluate: True`` yaml), in a child process with an offline tokenizer hub (``job.py``), and the report says
-what was checked (``report.py``). Everything goes under ``--workdir``: by default a temporary folder, removed
-afterwards unless ``--keep``.
+(``tiny.py``); a model with a teacher (DLIP's ``dlip_pretrain``) gets a tiny random one, written by the child
+before the job. The tiny yaml then runs through the real CLI, ``lavis-accel train`` (or ``evaluate`` for a
+``run.evaluate: True`` yaml), in a child process with an offline tokenizer hub (``job.py``, ``child.py``), and the
+report says what was checked (``report.py``). Everything goes under ``--workdir``: by default a temporary folder,
+removed afterwards unless ``--keep``.
 """
 import os
 import shutil
@@ -67,7 +68,8 @@ def rehearse(cfg, cfg_path, workdir, start, kept):
     """Write the tiny yaml, its data and the offline hub under ``workdir``, run the job, report; the exit status."""
     data_root, output_dir = os.path.join(workdir, "data"), os.path.join(workdir, "output")
     datasets = data.write_datasets(list(cfg.datasets), data_root)
-    tiny_cfg = tiny.tiny_config(cfg, datasets, output_dir, cache_root=data_root)
+    tiny_cfg = tiny.tiny_config(cfg, datasets, output_dir, cache_root=data_root,
+                                teacher_checkpoint=os.path.join(workdir, "teacher", "tiny_teacher.pth"))
     tiny_path = write_project(tiny_cfg, os.path.join(workdir, "tiny_" + os.path.basename(cfg_path)))
     hub_root = write_offline_hub(os.path.join(workdir, "hub"))
     training = tiny.is_training(cfg)
@@ -87,7 +89,8 @@ def rehearse(cfg, cfg_path, workdir, start, kept):
     outcome = report.collect(log_text, _new_job_dir(output_dir, before))
     workdir_note = f"{workdir} (kept)" if kept else "temporary, removed (--keep keeps it)"
     print(report.render(cfg, command, outcome, training=training, evaluating=evaluating,
-                        seconds=time.perf_counter() - start, workdir_note=workdir_note))
+                        seconds=time.perf_counter() - start, workdir_note=workdir_note,
+                        teacher=tiny_cfg.model.get("teacher")))
     missing = report.problems(outcome, training, evaluating)
     for problem in missing:
         print(f"lavis-accel dry-run: error: {problem} [{log_note}]", file=sys.stderr)

@@ -14,13 +14,17 @@ from dataclasses import dataclass, field
 _RECORDS = re.compile(r"Loaded (\d+) records for (\w+) split")
 _TRAIN_PROGRESS = re.compile(r"Train: data epoch: \[(\d+)\](?:; inner epoch \[(\d+)\])?\s+\[\s*\d+/(\d+)\]")
 _PARAMETERS = re.compile(r"number of trainable parameters: (\d+)")
+# LAVIS's runner counts no records of a split that is a single webdataset stream (it has no length); only training
+# streams (``image_text_shards``): evaluation needs sized datasets
+_STREAMED = "Only a single wds.DataPipeline dataset, no __len__ attribute."
+STREAMED = "streamed"
 SPLIT_ORDER = ("train", "val", "test")
 
 
 @dataclass
 class Outcome:
     """What one LAVIS job left behind."""
-    records: dict = field(default_factory=dict)  # split -> records read
+    records: dict = field(default_factory=dict)  # split -> records read, or STREAMED (a stream without a length)
     steps_per_epoch: dict = field(default_factory=dict)  # (epoch, runner_iter's inner epoch) -> training steps
     parameters: int | None = None  # trainable parameters (logged when training builds its optimizer)
     train_stats: list = field(default_factory=list)  # log.txt's {"train_loss": ..., ...} lines
@@ -38,8 +42,11 @@ def _json_lines(path, prefix="{"):
 
 def collect(log_text, job_dir):
     """The :class:`Outcome` of a job from its log text and its job folder (None when no folder was made)."""
+    records = {split: int(n) for n, split in _RECORDS.findall(log_text)}
+    if _STREAMED in log_text and "train" not in records:
+        records["train"] = STREAMED
     outcome = Outcome(
-        records={split: int(n) for n, split in _RECORDS.findall(log_text)},
+        records=records,
         steps_per_epoch={(epoch, inner): int(n) for epoch, inner, n in _TRAIN_PROGRESS.findall(log_text)},
     )
     parameters = _PARAMETERS.findall(log_text)
@@ -103,15 +110,23 @@ def _split_order(item):
     return (SPLIT_ORDER.index(split) if split in SPLIT_ORDER else len(SPLIT_ORDER), split)
 
 
-def render(cfg, command, outcome, *, training, evaluating, seconds, workdir_note):
-    """The report of a job that exited 0: one line per thing checked."""
+def render(cfg, command, outcome, *, training, evaluating, seconds, workdir_note, teacher=None):
+    """The report of a job that exited 0: one line per thing checked (``teacher``: the tiny model's teacher block)."""
     model = cfg.model
     parameters = f", {outcome.parameters:,} trainable parameters" if outcome.parameters else ""
-    records = ", ".join(f"{split} {n}" for split, n in sorted(outcome.records.items(), key=_split_order))
+    if teacher:
+        parameters += f"; frozen tiny random teacher {teacher.get('arch')} ({teacher.get('model_type')})"
+    items = sorted(outcome.records.items(), key=_split_order)
+    records = ", ".join(f"{split} {n}" for split, n in items if n != STREAMED)
+    records = f"{records} records" if records else ""
+    streamed = [split for split, n in items if n == STREAMED]
+    if streamed:
+        records = ", ".join([f"{' and '.join(streamed)} as a stream (webdataset: no record count)"]
+                            + [records] * bool(records))
     rows = [
         ("config", f"parsed and checked: {model.arch} ({model.model_type}), task {cfg.run.task}"),
         ("model", f"tiny {model.arch} built through LAVIS's registry{parameters}"),
-        ("data", f"synthetic {', '.join(cfg.datasets)}; LAVIS's builders read {records or 'no'} records"),
+        ("data", f"synthetic {', '.join(cfg.datasets)}; LAVIS's builders read {records or 'no records'}"),
         ("training", _training_line(outcome, training)),
         ("evaluation", _evaluation_line(outcome, evaluating)),
         ("checkpoint", _checkpoint_line(outcome, training)),

@@ -63,6 +63,8 @@ def short_run(run_cfg):
     return run
 
 
-def tiny_config(cfg, datasets, output_dir, cache_root):
-    """The CPU-sized project config: tiny model, ``datasets`` entries, short run, outputs under ``output_dir``."""
-    return tiny_project(cfg, datasets, output_dir, run=short_run(cfg.run), cache_root=cache_root)
+def tiny_config(cfg, datasets, output_dir, cache_root, teacher_checkpoint=None):
+    """The CPU-sized project config: tiny model, ``datasets`` entries, short run, outputs under ``output_dir``; a
+    model with a teacher (DLIP) reads its tiny teacher from ``teacher_checkpoint``."""
+    return tiny_project(cfg, datasets, output_dir, run=short_run(cfg.run), cache_root=cache_root,
+                        teacher_checkpoint=teacher_checkpoint)

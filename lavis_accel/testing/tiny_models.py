@@ -9,17 +9,22 @@ BLIP and BLIP-2 fetch tokenizers and the Q-Former's BERT from the hub: building 
 :mod:`lavis_accel.testing.hub` to be active (its environment set before transformers was imported).
 """
 import json
+import os
 
+import torch
 from lavis.common.registry import registry
 from lavis.common.utils import get_abs_path
 from lavis.models import load_preprocess
 from lavis.models.blip2_models.blip2 import Blip2Base
 from lavis.models.blip_models.blip import BlipBase
+from lavis.models.blip_models.blip_pretrain import BlipPretrain
 from lavis.models.clip_models.model import CLIP
 from omegaconf import OmegaConf
 
 from lavis_accel.models.clip_types import TINY_CLIP_TYPE
 from lavis_accel.models.crossget_model import CrossGetModel
+from lavis_accel.models.dlip_teacher import teacher_class_and_config
+from lavis_accel.models.pretrain_build import build_pretrain_model
 from lavis_accel.configs import packaged_config
 from lavis_accel.models.vit_types import vit_type_size
 from lavis_accel.testing import hub
@@ -30,7 +35,7 @@ TINY_EVA_VIT = "eva_vit_tiny"
 TINY_NUM_QUERY_TOKEN = 8
 TINY_QUEUE_SIZE = 256  # divisible by every power-of-two batch size up to 256
 TINY_EMBED_DIM = 128
-STOCK_VIT_DEPTHS = {"base": 12, "large": 24}
+STOCK_VIT_DEPTHS = {"base": 12, "large": 24, "small": 12}
 
 
 TINY_MED_CONFIG = packaged_config("med_config_tiny.json")
@@ -103,6 +108,35 @@ def tiny_teacher_config(teacher):
     """A DLIP ``teacher:`` block made tiny (same arch and type; its ``pretrained`` file is the caller's to set)."""
     arch, model_type = teacher.get("arch", "blip_pretrain"), teacher.get("model_type")
     return {**teacher, **tiny_model_config(arch, model_type), "arch": arch, "model_type": model_type}
+
+
+TINY_TEACHER_SEED = 0
+
+
+def write_tiny_teacher(teacher_block, path):
+    """Write a tiny, randomly initialised DLIP teacher as a checkpoint file and return ``path``.
+
+    ``teacher_block`` is a ``model.teacher`` block of ``dlip_pretrain`` (arch, model type, config keys); it is made
+    tiny as :func:`tiny_teacher_config` does (a block that already is stays the same). The file holds
+    ``{"model": state_dict}``, as BLIP's released checkpoints do, so a tiny student's ``model.teacher.pretrained``
+    can name it; give the block of the tiny config that will read the file (``testing.projects.tiny_project``'s,
+    which also shrinks the teacher's unused queues), so that their shapes match. A ``blip_pretrain``-class teacher
+    is built with ``pretrain_build.build_pretrain_model`` (its own ``from_config`` would download ImageNet ViT and
+    BERT weights); any other BLIP arch with ``from_config``. Needs the offline hub (the teacher's tokenizer); the
+    weights are seeded, and the global torch RNG is left as it was.
+    """
+    tiny_block = tiny_teacher_config(OmegaConf.create(teacher_block))
+    model_cls, cfg = teacher_class_and_config(OmegaConf.create(tiny_block))
+    _check_offline_hub(_family(model_cls), cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_TEACHER_SEED)
+        if issubclass(model_cls, BlipPretrain):
+            teacher = build_pretrain_model(model_cls, cfg)
+        else:
+            teacher = model_cls.from_config(cfg)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({"model": teacher.state_dict()}, path)
+    return str(path)
 
 
 def _tiny_text_layers() -> int:

@@ -108,6 +108,21 @@ class DlipPretrain(BlipPretrain):
             self.teacher.eval()
         return self
 
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        """The student's state only: the teacher comes from its own checkpoint, never from the student's (LAVIS's
+        runner drops frozen parameters by name, which misses the teacher's tied decoder weights and buffers)."""
+        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for key in [key for key in state if key.startswith(prefix + "teacher.")]:
+            del state[key]
+        return state
+
+    def load_state_dict(self, state_dict, strict=True, **kwargs):
+        """Load a student state; the teacher keeps the weights it was built with."""
+        if self.teacher is not None:
+            teacher = {f"teacher.{key}": value for key, value in self.teacher.state_dict().items()}
+            state_dict = {**state_dict, **teacher}
+        return super().load_state_dict(state_dict, strict=strict, **kwargs)
+
     def forward(self, samples):
         if self.teacher is None and self.itc_loss == "softmax":
             return super().forward(samples)

@@ -21,6 +21,7 @@ from lavis_accel.bench.machine import machine_info
 from lavis_accel.bench.throughput import Contender, median_and_spread, paired_ratio, time_interleaved
 from lavis_accel.reduce.merge import parse_r, token_schedule
 from lavis_accel.testing.hub import offline_env, write_offline_hub
+from machine_load import FixedLoad
 
 REQUIRED_KEYS = {"arch", "model_type", "reducer", "r", "vision_gflops", "task_gflops", "params", "throughput_median",
                  "throughput_spread", "speedup", "flops_ratio", "peak_mem_mb"}
@@ -154,26 +155,10 @@ def test_paired_ratio_interval_and_trust():
     assert tight.trusted and tight.low >= 1.98 and tight.high <= 2.02
 
 
-class _Load:
-    """A stand-in for ``machine.OtherLoad`` that reports a fixed share (tests must not depend on the machine's load)."""
-
-    def __init__(self, share):
-        self.share = share
-
-    def __call__(self):
-        return self
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def test_untrusted_speedups_are_warned_about_in_the_table_and_the_json(tmp_path, monkeypatch):
     from lavis_accel.bench import runner
 
-    monkeypatch.setattr(runner, "OtherLoad", _Load(0.0))  # a quiet machine
+    monkeypatch.setattr(runner, "OtherLoad", FixedLoad(0.0))  # a quiet machine
     settings = bench_settings(["tome"], [4], {"name": "turbo", "threshold": 1})
     options = BenchOptions(parts=("vision",), batch_size=2, warmup=0, repeats=3, device=CPU)
     records = run_benchmark(VisionOnly(), settings, options, 64, {"arch": "tiny", "model_type": "test"})
@@ -262,7 +247,7 @@ def test_crossget_on_clip_reduces_the_image_tower_with_rv_and_the_text_tower_wit
     from lavis_accel.bench import runner
     from lavis_accel.testing.tiny_models import build_tiny
 
-    monkeypatch.setattr(runner, "OtherLoad", _Load(0.0))
+    monkeypatch.setattr(runner, "OtherLoad", FixedLoad(0.0))
     model = build_tiny("clip", "ViT-Tiny-16", is_eval=True)  # 36 patches + [CLS]: 4 image blocks; 3 text blocks
     settings = bench_settings(["crossget"], [4], None, rl_values=[0, 4])
     options = BenchOptions(parts=("vision", "text", "task"), batch_size=2, task_batch_size=1, warmup=0, repeats=1,
@@ -451,7 +436,7 @@ def test_other_load_sees_a_busy_neighbour():
 def test_a_busy_machine_is_reported_once_per_part_and_distrusts_its_speedups(monkeypatch):
     from lavis_accel.bench import runner
 
-    monkeypatch.setattr(runner, "OtherLoad", _Load(0.45))
+    monkeypatch.setattr(runner, "OtherLoad", FixedLoad(0.45))
     settings = bench_settings(["tome"], [4], {"name": "turbo", "threshold": 1})
     options = BenchOptions(parts=("vision",), batch_size=2, warmup=0, repeats=1, device=CPU)
     records = run_benchmark(VisionOnly(), settings, options, 64, {"arch": "tiny", "model_type": "test"})

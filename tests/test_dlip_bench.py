@@ -15,23 +15,9 @@ from lavis_accel.bench.runner import BenchOptions, run_benchmark
 from lavis_accel.bench.settings import PARENT, STUDENT, student_settings
 from lavis_accel.models.dlip import DlipCaption, DlipRetrieval
 from lavis_accel.testing.tiny_models import TINY_IMAGE_SIZE, TINY_MED_CONFIG, tiny_model_config
+from machine_load import FixedLoad
 
 CPU = torch.device("cpu")
-
-
-class _QuietMachine:
-    """A stand-in for ``machine.OtherLoad`` reporting an idle machine (tests must not depend on the load)."""
-
-    share = 0.0
-
-    def __call__(self):
-        return self
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def shrink(spec, tmp_path, student: bool):
@@ -86,7 +72,7 @@ def test_the_parent_type_comes_from_the_student_class_s_table(monkeypatch):
 
 
 def test_the_student_row_reads_fewer_parameters_and_counts_fewer_gflops_than_blip_retrieval(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "OtherLoad", _QuietMachine())
+    monkeypatch.setattr(runner, "OtherLoad", FixedLoad(0.0))
     models, records = tiny_student_bench("dlip_retrieval", "flickr", tmp_path, ("vision", "task"), candidates=2)
     assert isinstance(models[PARENT], BlipRetrieval) and not isinstance(models[PARENT], DlipRetrieval)
     assert isinstance(models[STUDENT], DlipRetrieval)
@@ -110,7 +96,7 @@ def test_the_student_row_reads_fewer_parameters_and_counts_fewer_gflops_than_bli
 
 
 def test_the_caption_student_searches_beams_as_its_parent_does(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "OtherLoad", _QuietMachine())
+    monkeypatch.setattr(runner, "OtherLoad", FixedLoad(0.0))
     models, (parent, student) = tiny_student_bench("dlip_caption", "coco", tmp_path, ("task",))
     assert parent["setting"] == "parent (LAVIS blip_caption / base_coco; LAVIS has no blip_caption coco)"
     assert student["task"].startswith("caption: beam search") and student["params"] < parent["params"]

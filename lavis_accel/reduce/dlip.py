@@ -56,12 +56,13 @@ def _row_kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temp
 def cosine_feature_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Terms 1-4: mean over rows of ``1 - cos(student_i, teacher_i)`` for ``[B, D]`` features.
 
-    This is the reference's ``CosineEmbeddingLoss(margin=0.25)`` with target +1: the margin only acts on target
-    -1, so it plays no part. Inputs need not be normalised. Nothing is detached: the caller passes teacher features
-    computed without grad.
+    Computed by the reference's very function, ``CosineEmbeddingLoss(margin=0.25)`` with target +1 (the margin only
+    acts on target -1, so it plays no part; torch adds 1e-12 to both squared norms, so equal inputs give ~1e-12, not
+    0). Inputs need not be normalised. Nothing is detached: the caller passes teacher features computed without grad.
     """
     _same_shape("cosine distillation features", student, teacher)
-    return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+    target = torch.ones(student.shape[0], dtype=student.dtype, device=student.device)
+    return F.cosine_embedding_loss(student, teacher, target, margin=0.25)
 
 
 def _soft_contrastive_targets(

@@ -1,10 +1,12 @@
 """``lavis-accel demo``: its settings, its LAVIS configs, and one small run through the real CLI."""
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from lavis_accel.config_checks import check_project
@@ -13,6 +15,8 @@ from lavis_accel.demo import project, report
 from lavis_accel.demo.settings import DemoSettings
 from lavis_accel.demo.worker import settings_to_compare
 from lavis_accel.errors import SettingError
+
+RECALLS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10")
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -24,6 +28,7 @@ from lavis_accel.errors import SettingError
     ({"crossget_epochs": 0}, "--crossget-epochs must be at least 1"),
     ({"crossget_rv": 0}, r"--crossget-rv must be from 1 to 18 \(half the demo ViT's patch tokens\), got 0"),
     ({"crossget_rv": 19}, "--crossget-rv must be from 1 to 18"),
+    ({"dlip_epochs": 0}, "--dlip-epochs must be at least 1"),
 ])
 def test_bad_settings_are_refused(changes, message):
     with pytest.raises(SettingError, match=message):
@@ -70,25 +75,81 @@ def test_configs_are_valid_lavis_projects(tmp_path):
     assert crossget_eval.model.arch == "blip_retrieval_crossget" and crossget_eval.run.task == "retrieval"
 
 
+def test_dlip_configs_train_a_smaller_student_from_the_trained_model_and_without_teacher(tmp_path):
+    settings = DemoSettings(workdir=str(tmp_path), dlip_epochs=3)
+    datasets = write_retrieval(tmp_path / "data", n_train=2, n_val=2, n_test=2)
+    teacher_bert = json.load(open(project.write_med_config(settings)))
+    student_bert = json.load(open(project.write_student_med_config(settings)))
+    assert student_bert["num_attention_heads"] == teacher_bert["num_attention_heads"]  # paired one to one
+    assert student_bert["vocab_size"] == teacher_bert["vocab_size"]
+    assert student_bert["hidden_size"] * 2 == teacher_bert["hidden_size"] == 128
+    assert student_bert["num_hidden_layers"] * 2 == teacher_bert["num_hidden_layers"] == 4
+    distilled = OmegaConf.create(project.dlip_train_config(settings, datasets, "parent.pth"))
+    check_project(distilled)
+    assert distilled.model.arch == "dlip_pretrain"
+    assert distilled.model.med_config_path == project.student_med_config_path(settings)
+    assert distilled.model.vit_width == 64 and distilled.model.image_size == 96
+    teacher = distilled.model.teacher
+    assert (teacher.arch, teacher.model_type, teacher.pretrained) == ("blip_retrieval", "coco", "parent.pth")
+    assert teacher.med_config_path == project.med_config_path(settings) and teacher.vit_type == "tiny"
+    assert distilled.run.task == "image_text_pretrain" and distilled.run.max_epoch == 3
+    assert list(distilled.run.valid_splits) == [] and list(distilled.run.test_splits) == []
+    task_only = OmegaConf.create(project.dlip_train_config(settings, datasets, "parent.pth", distilled=False))
+    check_project(task_only)
+    assert task_only.model.teacher is None and task_only.run.output_dir.endswith("dlip_task_only")
+    assert OmegaConf.masked_copy(task_only.run, ["max_epoch", "init_lr", "batch_size_train", "seed"]) == \
+        OmegaConf.masked_copy(distilled.run, ["max_epoch", "init_lr", "batch_size_train", "seed"])  # same steps
+    evaluated = OmegaConf.create(project.dlip_eval_config(settings, datasets, "student.pth", "dlip"))
+    check_project(evaluated)
+    assert evaluated.model.arch == "dlip_retrieval" and evaluated.model.pretrained == "student.pth"
+    assert not evaluated.model.load_finetuned and evaluated.model.load_pretrained
+    assert evaluated.model.vit_width == distilled.model.vit_width and evaluated.run.task == "retrieval"
+
+
+def test_the_demo_student_pairs_with_the_demo_model_and_is_taught_six_terms(tmp_path):
+    from lavis.common.registry import registry
+
+    settings = DemoSettings(workdir=str(tmp_path))
+    project.write_med_config(settings)
+    project.write_student_med_config(settings)
+    torch.manual_seed(0)
+    parent_cfg = OmegaConf.create(project.train_config(settings, {})["model"])
+    torch.save({"model": registry.get_model_class("blip_retrieval").from_config(parent_cfg).state_dict()},
+               tmp_path / "parent.pth")
+    cfg = OmegaConf.create(project.dlip_train_config(settings, {}, str(tmp_path / "parent.pth"))["model"])
+    student = registry.get_model_class("dlip_pretrain").from_config(cfg)
+    assert sum(p.numel() for p in student.visual_encoder.parameters()) * 3 < \
+        sum(p.numel() for p in student.teacher.visual_encoder.parameters())
+    images = torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    output = student({"image": images, "text_input": ["a red circle", "two blue squares on the left",
+                                                      "a green triangle", "a yellow star at the top"],
+                      "epoch": 0, "iters": 0, "num_iters_per_epoch": 10})
+    assert set(output.distillation_terms) == {"image_feature", "text_feature", "fused_feature", "itc",
+                                              "text_attention", "cross_attention"}  # no decoder in the teacher
+    assert all(torch.isfinite(term) and term > 0 for term in output.distillation_terms.values())
+
+
 def test_table_lists_every_setting():
-    row = {"setting": "turbo_r4", "txt_r1": 50.0, "txt_r5": 80.0, "txt_r10": 90.0, "img_r1": 40.0, "img_r5": 70.0,
-           "img_r10": 85.0, "vision_gflops": 0.05, "vision_speedup": 1.3, "task_gflops": 0.4, "task_speedup": 1.1}
+    row = {"setting": "turbo_r4", "params": 1_234_567, "txt_r1": 50.0, "txt_r5": 80.0, "txt_r10": 90.0,
+           "img_r1": 40.0, "img_r5": 70.0, "img_r10": 85.0, "vision_gflops": 0.05, "vision_speedup": 1.3,
+           "task_gflops": 0.4, "task_speedup": 1.1}
     lines = report.table([row]).splitlines()
-    assert lines[0].startswith("| setting | txt R@1") and len(lines) == 3
-    assert lines[2] == "| turbo_r4 | 50.0 | 80.0 | 90.0 | 40.0 | 70.0 | 85.0 | 0.0500 | 1.30x | 0.4000 | 1.10x |"
+    assert lines[0].startswith("| setting | params (M) | txt R@1") and len(lines) == 3
+    assert lines[2] == "| turbo_r4 | 1.23 | 50.0 | 80.0 | 90.0 | 40.0 | 70.0 | 85.0 | 0.0500 | 1.30x | 0.4000 | 1.10x |"
 
 
 def test_a_small_demo_runs_end_to_end(tmp_path):
     workdir = tmp_path / "demo"
     command = [sys.executable, "-m", "lavis_accel.cli", "demo", "--workdir", str(workdir), "--n-train", "16",
                "--n-val", "4", "--n-test", "8", "--epochs", "1", "--batch-size", "8", "--k-test", "4",
-               "--r-values", "4", "--madtp-epochs", "1", "--crossget-epochs", "1", "--crossget-rv", "4"]
+               "--r-values", "4", "--madtp-epochs", "1", "--crossget-epochs", "1", "--crossget-rv", "4",
+               "--dlip-epochs", "1"]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "| parent |" in result.stdout and "| turbo_r4 |" in result.stdout
     results = json.load(open(workdir / "results.json"))
     rows = {row["setting"]: row for row in results["results"]}
-    assert set(rows) == {"parent", "tome_r4", "turbo_r4", "madtp_p30", "crossget_rv4"}
+    assert set(rows) == {"parent", "tome_r4", "turbo_r4", "madtp_p30", "crossget_rv4", "dlip", "dlip_task_only"}
     assert "| crossget_rv4 |" in result.stdout
     assert os.path.isfile(results["checkpoint"])
     assert rows["parent"]["vision_speedup"] == 1.0
@@ -104,3 +165,12 @@ def test_a_small_demo_runs_end_to_end(tmp_path):
     (log,) = (workdir / "crossget").rglob("log.txt")
     assert '"train_loss_kd"' in log.read_text()  # fine-tuned with CrossGET's JS loss
     assert (workdir / "recall_vs_gflops.png").read_bytes()[:4] == b"\x89PNG"
+    for name, distilled in (("dlip", True), ("dlip_task_only", False)):
+        student = rows[name]
+        assert f"| {name} |" in result.stdout and (student["method"], student["distilled"]) == ("dlip", distilled)
+        assert all(math.isfinite(student[key]) and 0 <= student[key] <= 100 for key in RECALLS)
+        assert student["params"] * 3 < rows["parent"]["params"]  # half as wide: about a quarter of the weights
+        assert student["vision_gflops"] < rows["parent"]["vision_gflops"] and student["vision_speedup"] > 0
+        assert len(list((workdir / name).rglob("checkpoint_0.pth"))) == 1  # its image_text_pretrain run's epoch
+    assert OmegaConf.load(workdir / "configs" / "dlip.yaml").model.teacher.pretrained == results["checkpoint"]
+    assert OmegaConf.load(workdir / "configs" / "dlip_task_only.yaml").model.teacher is None

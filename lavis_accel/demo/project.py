@@ -1,5 +1,6 @@
 """The demo's LAVIS project configs: one to fine-tune a small BLIP retrieval model, one to compress it with MADTP,
-one to fine-tune it with CrossGET, one per evaluated setting.
+one to fine-tune it with CrossGET, two to train a smaller DLIP student (distilled from the trained model, and on the
+task losses only), one per evaluated setting.
 
 The model is the tests' tiny BLIP (``tiny_model_config``) with one more text layer: CrossGET's loss pairs the
 ViT's blocks with the text encoder's layers one to one (BLIP ViT-B and BERT-base have 12 each), and the tiny ViT has
@@ -25,6 +26,17 @@ MADTP_LR = 2e-5
 # CrossGET's fine-tuning of the trained model: its JS loss at the reference's weight, at MADTP's learning rate
 CROSSGET_LR = 2e-5
 CROSSGET_KD_WEIGHT = 0.5
+# DLIP's student, as DLIP halves BLIP: the ViT half as wide (DLIP: ViT-S, half ViT-B's width, same depth) and a
+# BERT half as wide and half as deep with the teacher's head count (the attention distillation pairs heads one to
+# one); the same image size and patch (the cross-attention maps pair image tokens one to one) and vocabulary.
+DLIP_PRETRAIN_ARCH = "dlip_pretrain"
+DLIP_ARCH = "dlip_retrieval"
+STUDENT_MODEL_TYPES = {DLIP_PRETRAIN_ARCH: "base", DLIP_ARCH: MODEL_TYPE}
+STUDENT_MED_CONFIG = "student_med_config.json"  # in the workdir's configs/
+STUDENT_VIT = {"vit_width": 64, "vit_num_heads": 2}
+STUDENT_TEXT = {"hidden_size": 64, "intermediate_size": 256, "encoder_width": 64}
+DLIP_LR = 5e-4
+DLIP_ALPHA = 0.4  # ITA's momentum distillation, and the weight of the teacher's ITC targets (ramped, as BLIP's)
 # At 37 tokens (96 px, patch 16) the paper's threshold of 100 tokens would stop every merge; 1 never stops one.
 DEMO_THRESHOLD = 1
 
@@ -70,6 +82,22 @@ def write_med_config(settings) -> str:
     config["num_hidden_layers"] = vit_type_size(TINY_VIT_TYPE)["depth"]
     path = med_config_path(settings)
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2)
+    return path
+
+
+def student_med_config_path(settings) -> str:
+    return os.path.join(settings.workdir, "configs", STUDENT_MED_CONFIG)
+
+
+def write_student_med_config(settings) -> str:
+    """Write the DLIP student's BERT config: the demo's, half as wide and half as deep, with its heads and
+    vocabulary; return its path."""
+    with open(med_config_path(settings), encoding="utf-8") as handle:
+        config = json.load(handle)
+    config.update(STUDENT_TEXT, num_hidden_layers=max(1, config["num_hidden_layers"] // 2))
+    path = student_med_config_path(settings)
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(config, handle, indent=2)
     return path
@@ -128,6 +156,45 @@ def eval_config(settings, datasets, checkpoint, name, reducer=None):
         model = _model_section(settings, CROSSGET_ARCH, **finetuned, reducer=reducer)
     else:
         model = _model_section(settings, VARIANT_ARCH, **finetuned, reducer={**reducer, "threshold": DEMO_THRESHOLD})
+    run = _run_section(settings, os.path.join(settings.workdir, "eval", name), evaluate=True)
+    run.pop("valid_splits")
+    return {"model": model, "datasets": datasets, "run": run}
+
+
+def _student_section(settings, arch, **extra):
+    """A DLIP student's model keys: the arch's tiny config at the student's size (no gradient checkpointing: there
+    is no memory to save at this size), the demo's queue."""
+    model_type = STUDENT_MODEL_TYPES[arch]
+    return {"arch": arch, "model_type": model_type, **tiny_model_config(arch, model_type), **STUDENT_VIT,
+            "vit_grad_ckpt": False, "med_config_path": student_med_config_path(settings), "queue_size": 256,
+            "alpha": DLIP_ALPHA, **extra}
+
+
+def dlip_teacher(settings, checkpoint) -> dict:
+    """The ``teacher:`` block naming the demo's trained model ``checkpoint`` (a ``blip_retrieval``: no decoder, so
+    the six distillation terms that need none)."""
+    section = _model_section(settings, PARENT_ARCH)
+    return {**section, "pretrained": checkpoint}
+
+
+def dlip_train_config(settings, datasets, checkpoint, distilled=True):
+    """DLIP pretraining of the student through LAVIS's ``image_text_pretrain`` task on the demo's training captions
+    (``coco_retrieval``'s train split: its samples carry the image and ``text_input`` that BLIP's ITA, ITM and LM
+    read): from the trained model ``checkpoint`` as teacher, or without one (``distilled=False``: the task losses
+    only, the same steps). No validation (the task has no metric): the last epoch's checkpoint is the student's."""
+    teacher = dlip_teacher(settings, checkpoint) if distilled else None
+    model = _student_section(settings, DLIP_PRETRAIN_ARCH, teacher=teacher)
+    name = "dlip" if distilled else "dlip_task_only"
+    run = _run_section(settings, os.path.join(settings.workdir, name), evaluate=False)
+    run.update({"task": "image_text_pretrain", "max_epoch": settings.dlip_epochs, "init_lr": DLIP_LR,
+                "valid_splits": [], "test_splits": []})
+    return {"model": model, "datasets": datasets, "run": run}
+
+
+def dlip_eval_config(settings, datasets, checkpoint, name):
+    """Evaluate a DLIP student's pretraining ``checkpoint`` on the test split as a ``dlip_retrieval`` model (its ITA
+    and ITM heads are pretraining's)."""
+    model = _student_section(settings, DLIP_ARCH, load_finetuned=False, load_pretrained=True, pretrained=checkpoint)
     run = _run_section(settings, os.path.join(settings.workdir, "eval", name), evaluate=True)
     run.pop("valid_splits")
     return {"model": model, "datasets": datasets, "run": run}

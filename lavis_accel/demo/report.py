@@ -3,8 +3,9 @@ import dataclasses
 import json
 import os
 
+MILLION = 1e6
 COLUMNS = (
-    ("setting", "setting", "{}"),
+    ("setting", "setting", "{}"), ("params", "params (M)", "{:.2f}"),
     ("txt_r1", "txt R@1", "{:.1f}"), ("txt_r5", "R@5", "{:.1f}"), ("txt_r10", "R@10", "{:.1f}"),
     ("img_r1", "img R@1", "{:.1f}"), ("img_r5", "R@5", "{:.1f}"), ("img_r10", "R@10", "{:.1f}"),
     ("vision_gflops", "ViT GFLOPs", "{:.4f}"), ("vision_speedup", "ViT speed-up", "{:.2f}x"),
@@ -12,12 +13,16 @@ COLUMNS = (
 )
 
 
+def _shown(row, key):
+    return row[key] / MILLION if key == "params" else row[key]
+
+
 def table(rows):
     """A markdown table of recall (LAVIS's retrieval metrics, test split) next to counted cost and speed-up."""
     lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
              "|" + "|".join("---" for _ in COLUMNS) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |")
+        lines.append("| " + " | ".join(fmt.format(_shown(row, key)) for key, _, fmt in COLUMNS) + " |")
     return "\n".join(lines)
 
 
@@ -28,7 +33,7 @@ def _plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    parent = next(row for row in rows if row["reducer"] is None)
+    parent = next(row for row in rows if row["setting"] == "parent")
     for reducer, marker in (("tome", "s"), ("turbo", "o")):
         points = [parent] + [row for row in rows if row["reducer"] == reducer]
         ax.plot([p["vision_gflops"] for p in points], [p["r_mean"] for p in points], marker=marker, label=reducer)
@@ -40,6 +45,10 @@ def _plot(rows, path):
     for p in (row for row in rows if row["reducer"] == "crossget"):
         ax.plot([p["vision_gflops"]], [p["r_mean"]], marker="D", linestyle="none", label=f"crossget ({p['setting']})")
         ax.annotate(f"rv={p['r']}", (p["vision_gflops"], p["r_mean"]), fontsize=7)
+    for p in (row for row in rows if row.get("method") == "dlip"):
+        label = "dlip, distilled" if p["distilled"] else "dlip, task losses only"
+        ax.plot([p["vision_gflops"]], [p["r_mean"]], marker="*" if p["distilled"] else "x", markersize=9,
+                linestyle="none", label=f"{label} ({p['params'] / MILLION:.2f} M params)")
     ax.set_xlabel("ViT GFLOPs per image (counted)")
     ax.set_ylabel("mean recall (R@1/5/10, both directions)")
     ax.set_title("Small BLIP retrieval on synthetic scenes")
@@ -56,7 +65,8 @@ def write(rows, settings, checkpoint):
     out = settings.workdir
     json_path = os.path.join(out, "results.json")
     with open(json_path, "w", encoding="utf-8") as f:
-        json.dump({"checkpoint": checkpoint, "settings": dataclasses.asdict(settings), "results": rows}, f, indent=2, default=str)
+        json.dump({"checkpoint": checkpoint, "settings": dataclasses.asdict(settings), "results": rows}, f, indent=2,
+                  default=str)
     md_path = os.path.join(out, "results.md")
     with open(md_path, "w", encoding="utf-8") as f:
         f.write(table(rows) + "\n")

@@ -1,7 +1,8 @@
 """The demo's work, in the process whose environment points transformers at the offline hub.
 
 Stages: data -> training through LAVIS's runner -> MADTP's compression and CrossGET's fine-tuning of the trained
-model -> evaluation of every setting through LAVIS's retrieval task -> cost of every setting (counted FLOPs,
+model -> a smaller DLIP student trained twice, distilled from the trained model and on the task losses only ->
+evaluation of every setting through LAVIS's retrieval task -> cost of every setting (parameters read, counted FLOPs,
 interleaved timing) -> one table, ``results.json`` and a plot.
 """
 import argparse
@@ -39,15 +40,35 @@ def settings_to_compare(settings):
                        (crossget_setting_name(settings), crossget_reducer(settings))]
 
 
+def students_to_compare():
+    """``[(name, distilled)]``: the DLIP student distilled from the trained model, then the same student trained on
+    the task losses only (the same steps), which shows what the distillation adds."""
+    return [("dlip", True), ("dlip_task_only", False)]
+
+
 def train(config, path):
-    """Write the project ``config`` to ``path``, train it through LAVIS's runner; return its best checkpoint."""
+    """Write the project ``config`` to ``path``, train it through LAVIS's runner; return its best checkpoint (with
+    no validation split: its last epoch's)."""
     from lavis_accel import jobs
     from lavis_accel.testing.projects import write_project
     from omegaconf import OmegaConf
 
     runner = jobs.build_runner(write_project(OmegaConf.create(config), path))
     runner.train()
-    return os.path.join(runner.output_dir, "checkpoint_best.pth")
+    if runner.valid_splits:
+        return os.path.join(runner.output_dir, "checkpoint_best.pth")
+    return os.path.join(runner.output_dir, f"checkpoint_{runner.max_epoch - 1}.pth")
+
+
+def evaluate(config, path):
+    """Write the project ``config`` to ``path`` and evaluate it through LAVIS's runner: ``(test metrics, model)``."""
+    from lavis_accel import jobs
+    from lavis_accel.testing.projects import write_project
+    from omegaconf import OmegaConf
+
+    runner = jobs.build_runner(write_project(OmegaConf.create(config), path), mode="evaluate")
+    metrics = runner.evaluate(skip_reload=True)["test"]
+    return metrics, runner.unwrap_dist_model(runner.model)
 
 
 def row_of(name, reducer, metrics, model):
@@ -58,13 +79,17 @@ def row_of(name, reducer, metrics, model):
             "rl": reducer.get("rl"), "temperature": getattr(model, "temperature", None), **metrics}
 
 
+def student_row(name, distilled, metrics, train_seconds):
+    """One table row of a DLIP student: no reducer, the method, whether it was distilled, how long its training
+    took, and LAVIS's retrieval metrics."""
+    return {"setting": name, "method": "dlip", "reducer": None, "r": 0, "rl": None, "temperature": None,
+            "distilled": distilled, "train_seconds": round(train_seconds, 1), **metrics}
+
+
 def main(argv=None):
-    from lavis_accel import jobs
     from lavis_accel.datasets import write_retrieval
-    from omegaconf import OmegaConf
 
     from lavis_accel.demo import costs, project, report
-    from lavis_accel.testing.projects import write_project
 
     settings = DemoSettings.from_args(add_arguments(argparse.ArgumentParser()).parse_args(argv))
     progress(f"writing {settings.n_train}/{settings.n_val}/{settings.n_test} synthetic scenes")
@@ -73,6 +98,7 @@ def main(argv=None):
 
     configs = os.path.join(settings.workdir, "configs")
     project.write_med_config(settings)
+    project.write_student_med_config(settings)
     progress(f"fine-tuning a small BLIP retrieval model for {settings.epochs} epochs through LAVIS's runner")
     checkpoint = train(project.train_config(settings, datasets), os.path.join(configs, "train.yaml"))
     progress(f"best checkpoint: {checkpoint}")
@@ -86,17 +112,28 @@ def main(argv=None):
     trained["crossget"] = train(project.crossget_train_config(settings, datasets, checkpoint),
                                 os.path.join(configs, "crossget.yaml"))
 
+    students = {}
+    for name, distilled in students_to_compare():
+        teacher = "distilled from the trained model" if distilled else "on the task losses only"
+        progress(f"training a smaller DLIP student {teacher} ({settings.dlip_epochs} epochs of image_text_pretrain)")
+        start = time.perf_counter()
+        students[name] = train(project.dlip_train_config(settings, datasets, checkpoint, distilled),
+                               os.path.join(configs, f"{name}.yaml")), time.perf_counter() - start
+
     rows, models = [], {}
     for name, reducer in settings_to_compare(settings):
         progress(f"evaluating {name} through LAVIS's retrieval task")
         evaluated = trained.get(reducer["name"], checkpoint) if reducer else checkpoint
-        eval_yaml = write_project(OmegaConf.create(project.eval_config(settings, datasets, evaluated, name, reducer)),
+        metrics, model = evaluate(project.eval_config(settings, datasets, evaluated, name, reducer),
                                   os.path.join(configs, f"eval_{name}.yaml"))
-        runner = jobs.build_runner(eval_yaml, mode="evaluate")
-        metrics = runner.evaluate(skip_reload=True)["test"]
-        model = runner.unwrap_dist_model(runner.model)
         rows.append(row_of(name, reducer, metrics, model))
         models[name] = model
+    for name, distilled in students_to_compare():
+        progress(f"evaluating {name} through LAVIS's retrieval task (as {project.DLIP_ARCH})")
+        student, seconds = students[name]
+        metrics, models[name] = evaluate(project.dlip_eval_config(settings, datasets, student, name),
+                                         os.path.join(configs, f"eval_{name}.yaml"))
+        rows.append(student_row(name, distilled, metrics, seconds))
 
     progress("counting FLOPs and timing every setting, interleaved")
     costs.add_costs(rows, models, settings)

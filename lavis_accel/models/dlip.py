@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 from lavis_accel.configs import packaged_config
 from lavis_accel.errors import SettingError
 from lavis_accel.models import dlip_teacher
+from lavis_accel.models.frozen_member import FrozenMemberMixin
 from lavis_accel.models.pretrain_build import build_pretrain_model
 from lavis_accel.patch.med_record import LastLayerRecorder
 from lavis_accel.reduce import dlip as terms
@@ -74,7 +75,7 @@ class DlipOutput(BlipOutput):
 
 
 @register_model("dlip_pretrain")
-class DlipPretrain(BlipPretrain):
+class DlipPretrain(FrozenMemberMixin, BlipPretrain):
     """DLIP student pretraining: BLIP's three task losses plus distillation from a frozen BLIP teacher.
 
     Supported model types:
@@ -86,6 +87,7 @@ class DlipPretrain(BlipPretrain):
     """
 
     PRETRAINED_MODEL_CONFIG_DICT = {"base": packaged_config("dlip_pretrain_base.yaml")}
+    FROZEN_MEMBER = "teacher"  # in eval mode, out of the state dict (models.frozen_member)
 
     def __init__(self, *args, teacher=None, itc_loss="softmax", attention_temperature=0.05,
                  teacher_max_txt_len=None, **kwargs):
@@ -100,28 +102,6 @@ class DlipPretrain(BlipPretrain):
         if teacher is not None:
             dlip_teacher.check_pairing(self, teacher, self.max_txt_len, teacher_max_txt_len)
         self.teacher = teacher
-
-    def train(self, mode=True):
-        """Train the student; the teacher always stays in eval mode (no dropout)."""
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
-
-    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
-        """The student's state only: the teacher comes from its own checkpoint, never from the student's (LAVIS's
-        runner drops frozen parameters by name, which misses the teacher's tied decoder weights and buffers)."""
-        state = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        for key in [key for key in state if key.startswith(prefix + "teacher.")]:
-            del state[key]
-        return state
-
-    def load_state_dict(self, state_dict, strict=True, **kwargs):
-        """Load a student state; the teacher keeps the weights it was built with."""
-        if self.teacher is not None:
-            teacher = {f"teacher.{key}": value for key, value in self.teacher.state_dict().items()}
-            state_dict = {**state_dict, **teacher}
-        return super().load_state_dict(state_dict, strict=strict, **kwargs)
 
     def forward(self, samples):
         if self.teacher is None and self.itc_loss == "softmax":

@@ -1,7 +1,8 @@
 """A model that holds a frozen module with weights of its own: DLIP's teacher, P-Former's P-Former in stages 1-2.
 
-Such a member comes from its own checkpoint (``teacher.pretrained``, ``pretrained_stage0``), never from the model's:
-it stays in eval mode whatever ``train()`` the runner calls (no dropout in the targets it gives), it is left out of
+Such a member comes from its own checkpoint (``teacher.pretrained``, ``pretrained_stage0``, the LLM's hub weights),
+never from the model's: it stays in eval mode whatever ``train()`` the runner calls (no dropout in the targets it
+gives; ``FROZEN_MEMBER_IN_EVAL = False`` keeps a parent's behaviour of training it in train mode), it is left out of
 the model's state dict (LAVIS's epoch runner drops frozen parameters by name, which misses tied weights and
 buffers; ``runner_iter`` saves everything), and loading a state keeps the member as it was built.
 """
@@ -11,6 +12,7 @@ class FrozenMemberMixin:
     """Mixin for a LAVIS model class whose attribute ``FROZEN_MEMBER`` (None or absent: no member) is frozen."""
 
     FROZEN_MEMBER = None  # the attribute's name, e.g. "teacher"
+    FROZEN_MEMBER_IN_EVAL = True  # False: the member follows the model's train()/eval() (its dropout stays on)
 
     def _frozen_member(self):
         return getattr(self, self.FROZEN_MEMBER, None) if self.FROZEN_MEMBER else None
@@ -19,7 +21,7 @@ class FrozenMemberMixin:
         """Train the model; the frozen member always stays in eval mode."""
         super().train(mode)
         member = self._frozen_member()
-        if member is not None:
+        if member is not None and self.FROZEN_MEMBER_IN_EVAL:
             member.eval()
         return self
 

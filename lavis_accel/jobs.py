@@ -32,6 +32,7 @@ from lavis_accel.data_checks import check_first_samples, checking_datasets
 from lavis_accel.errors import TRACEBACK_VARIABLE, SettingError
 from lavis_accel.datasets import set_cache_root
 from lavis_accel.job_dirs import shared_job_id
+from lavis_accel.models.blip2_opt_answers import check_lemmatizer
 from lavis_accel.option_keys import check_option_keys
 from lavis_accel.run_checks import check_run
 
@@ -57,6 +58,7 @@ def load_config(cfg_path, options=None, mode="train"):
         set_cache_root(merged.env.cache_root)
     cfg = Config(SimpleNamespace(cfg_path=cfg_path, options=options))
     config_checks.check_reducer_block(cfg.model_cfg)
+    check_lemmatizer(cfg.model_cfg)
     config_checks.check_processors(cfg.datasets_cfg)
     config_checks.check_dataset_paths(cfg.datasets_cfg)
     config_checks.check_checkpoint_files(cfg.config)

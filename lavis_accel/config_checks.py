@@ -171,13 +171,14 @@ def check_dataset_paths(datasets_cfg):
                 if not os.path.exists(path) and not urls:
                     key = f"datasets.{name}.build_info.annotations.{split}.storage"
                     raise SettingError(f"{key}: {path} does not exist")
+        builder_cls = registry.get_builder_class(name)
         data_type = dataset.get("data_type", "images")
         visual = build_info.get(data_type)
-        if visual is not None and visual.get("storage"):
+        if visual is not None and visual.get("storage") and getattr(builder_cls, "READS_VISUAL", True):
             path = visual.storage if os.path.isabs(visual.storage) else get_cache_path(visual.storage)
             if not os.path.exists(path):
                 raise SettingError(f"datasets.{name}.build_info.{data_type}.storage: {path} does not exist")
-        check_own_paths = getattr(registry.get_builder_class(name), "check_paths", None)  # e.g. tar shards
+        check_own_paths = getattr(builder_cls, "check_paths", None)  # e.g. tar shards
         if check_own_paths is not None:
             check_own_paths(name, dataset)
 
@@ -291,9 +292,11 @@ def checking_model_checkpoints(cfg):
 
 
 def model_weight_files(model_cfg):
-    """Further local weight files a model config names (DLIP: the teacher's checkpoint, the ViT's DeiT start)."""
+    """Further local weight files a model config names (DLIP: the teacher's checkpoint, the ViT's DeiT start;
+    P-Former: the stage-0 checkpoint)."""
     teacher = model_cfg.get("teacher") or {}
-    paths = {"model.teacher.pretrained": teacher.get("pretrained"), "model.vit_pretrained": None}
+    paths = {"model.teacher.pretrained": teacher.get("pretrained"), "model.vit_pretrained": None,
+             "model.pretrained_stage0": model_cfg.get("pretrained_stage0")}
     vit = model_cfg.get("vit_pretrained")
     if vit and names_a_file(vit):
         paths["model.vit_pretrained"] = vit  # otherwise a timm model name

@@ -1,5 +1,5 @@
-"""``lavis-accel dry-run`` rehearses every project yaml shipped under ``projects/`` (but the DLIP yamls that
-``tests/test_dlip_e2e.py`` already runs through the real CLI) and LAVIS's own BLIP retrieval, caption, VQA and NLVR2
+"""``lavis-accel dry-run`` rehearses every project yaml shipped under ``projects/`` (but the DLIP and P-Former yamls
+that ``tests/test_dlip_e2e.py`` and ``tests/test_pformer_e2e.py`` already run through the real CLI) and LAVIS's own BLIP retrieval, caption, VQA and NLVR2
 train and eval yamls on CPU, and refuses what it cannot rehearse in one line.
 
 The rehearsals call the CLI's ``main`` in this process (the LAVIS job itself always runs in a child process with the
@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from lavis_accel import cli
 from lavis_accel.testing.projects import tiny_project
 from test_dlip_e2e import YAMLS_RUN_END_TO_END
+from test_pformer_e2e import YAMLS_RUN_END_TO_END as PFORMER_YAMLS_RUN_END_TO_END
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = sorted(glob.glob(os.path.join(REPO, "projects", "**", "*.yaml"), recursive=True))
@@ -33,7 +34,9 @@ LAVIS_YAMLS = [
     "train/okvqa_ft.yaml",  # ok_vqa: written by the VQA writer under its own name
 ]
 RUN_BY_DLIP_E2E = {os.path.join(REPO, "projects", "dlip", name) for name in YAMLS_RUN_END_TO_END}
-CASES = ([pytest.param(path, id=os.path.relpath(path, REPO)) for path in SHIPPED if path not in RUN_BY_DLIP_E2E]
+RUN_BY_PFORMER_E2E = {os.path.join(REPO, "projects", "pformer", name) for name in PFORMER_YAMLS_RUN_END_TO_END}
+RUN_END_TO_END = RUN_BY_DLIP_E2E | RUN_BY_PFORMER_E2E
+CASES = ([pytest.param(path, id=os.path.relpath(path, REPO)) for path in SHIPPED if path not in RUN_END_TO_END]
          + [pytest.param(os.path.join(LAVIS_BLIP, name), id=f"lavis/{name}") for name in LAVIS_YAMLS]
          + [pytest.param(LAVIS_BLIP2_OPT_CAPTION, id="lavis/blip2/eval/caption_coco_opt2.7b_eval.yaml")])
 
@@ -184,6 +187,20 @@ def test_every_dlip_yaml_runs_through_the_cli_here_or_end_to_end():
     assert len(dlip) == 8 and RUN_BY_DLIP_E2E <= dlip
     rehearsed_here = {case.values[0] for case in CASES}
     assert dlip - RUN_BY_DLIP_E2E <= rehearsed_here
+
+
+def test_every_pformer_yaml_runs_through_the_cli_end_to_end():
+    pformer = {path for path in SHIPPED if os.sep + "pformer" + os.sep in path}
+    assert len(pformer) == 14 and pformer == RUN_BY_PFORMER_E2E
+
+
+def test_a_pformer_stage_rehearses_with_a_tiny_stage0_pformer(capsys, tmp_path):
+    """The yaml's ``pretrained_stage0`` becomes a tiny random stage-0 P-Former the child writes before the job."""
+    cfg_path = os.path.join(REPO, "projects", "pformer", "train", "pretrain_stage1.yaml")
+    status, out, err = dry_run(capsys, "--cfg-path", cfg_path, "--workdir", str(tmp_path / "work"), "--keep")
+    assert status == 0, err
+    stage0 = torch.load(tmp_path / "work" / "stage0" / "tiny_stage0.pth", map_location="cpu")["model"]
+    assert "Pformer.cls_proj.weight" in stage0 and "Pformer.opt_proj.weight" in stage0
 
 
 def test_a_dlip_pretraining_rehearses_with_the_teacher_its_yaml_names(capsys, tmp_path):

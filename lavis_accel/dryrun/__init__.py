@@ -2,8 +2,8 @@
 
 The yaml is parsed and checked as ``lavis-accel train`` checks it; the same arch is built at tiny size, synthetic
 data is written in the formats of the datasets it names (``data.py``), and the run is cut to one short epoch
-(``tiny.py``); a model with a teacher (DLIP's ``dlip_pretrain``) gets a tiny random one, written by the child
-before the job. The tiny yaml then runs through the real CLI, ``lavis-accel train`` (or ``evaluate`` for a
+(``tiny.py``); a model with a teacher (DLIP's ``dlip_pretrain``) gets a tiny random one, and a P-Former stage-1/2
+model a tiny random stage-0 P-Former, written by the child before the job. The tiny yaml then runs through the real CLI, ``lavis-accel train`` (or ``evaluate`` for a
 ``run.evaluate: True`` yaml), in a child process with an offline tokenizer hub (``job.py``, ``child.py``), and the
 report says what was checked (``report.py``). Everything goes under ``--workdir``: by default a temporary folder,
 removed afterwards unless ``--keep``.
@@ -69,7 +69,8 @@ def rehearse(cfg, cfg_path, workdir, start, kept):
     data_root, output_dir = os.path.join(workdir, "data"), os.path.join(workdir, "output")
     datasets = data.write_datasets(list(cfg.datasets), data_root)
     tiny_cfg = tiny.tiny_config(cfg, datasets, output_dir, cache_root=data_root,
-                                teacher_checkpoint=os.path.join(workdir, "teacher", "tiny_teacher.pth"))
+                                teacher_checkpoint=os.path.join(workdir, "teacher", "tiny_teacher.pth"),
+                                stage0_checkpoint=os.path.join(workdir, "stage0", "tiny_stage0.pth"))
     tiny_path = write_project(tiny_cfg, os.path.join(workdir, "tiny_" + os.path.basename(cfg_path)))
     hub_root = write_offline_hub(os.path.join(workdir, "hub"))
     training = tiny.is_training(cfg)

@@ -1,7 +1,8 @@
 """The dry-run's child process: ``python -m lavis_accel.dryrun.child COMMAND CFG_PATH`` (see ``job.py``).
 
 It runs with the offline hub active, so it can build tiny BLIP models: it writes the tiny random teacher that the
-tiny yaml's ``model.teacher.pretrained`` names (DLIP's ``dlip_pretrain``), then runs ``lavis-accel COMMAND
+tiny yaml's ``model.teacher.pretrained`` names (DLIP's ``dlip_pretrain``) and the tiny P-Former stage-0 file its
+``model.pretrained_stage0`` names (P-Former's stages 1-2), then runs ``lavis-accel COMMAND
 --cfg-path CFG_PATH`` through the CLI's own ``main``, in this process.
 """
 import contextlib
@@ -11,7 +12,7 @@ import sys
 from omegaconf import OmegaConf
 
 from lavis_accel import cli
-from lavis_accel.testing.tiny_models import write_tiny_teacher
+from lavis_accel.testing.tiny_models import write_tiny_stage0, write_tiny_teacher
 
 
 @contextlib.contextmanager
@@ -36,9 +37,19 @@ def write_teacher(cfg_path):
         return write_tiny_teacher(teacher, teacher.pretrained)
 
 
+def write_stage0(cfg_path):
+    """Write the tiny P-Former stage-0 file the yaml's ``model.pretrained_stage0`` names; None without one."""
+    model_cfg = OmegaConf.load(cfg_path).model
+    if not model_cfg.get("pretrained_stage0"):
+        return None
+    with logging_left_unconfigured():
+        return write_tiny_stage0(model_cfg, model_cfg.pretrained_stage0)
+
+
 def main(argv):
     command, cfg_path = argv
     write_teacher(cfg_path)
+    write_stage0(cfg_path)
     return cli.main([command, "--cfg-path", cfg_path])
 
 

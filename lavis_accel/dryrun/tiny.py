@@ -63,8 +63,9 @@ def short_run(run_cfg):
     return run
 
 
-def tiny_config(cfg, datasets, output_dir, cache_root, teacher_checkpoint=None):
+def tiny_config(cfg, datasets, output_dir, cache_root, teacher_checkpoint=None, stage0_checkpoint=None):
     """The CPU-sized project config: tiny model, ``datasets`` entries, short run, outputs under ``output_dir``; a
-    model with a teacher (DLIP) reads its tiny teacher from ``teacher_checkpoint``."""
+    model with a teacher (DLIP) reads its tiny teacher from ``teacher_checkpoint``, a P-Former stage-1/2 model its
+    tiny stage-0 P-Former from ``stage0_checkpoint``."""
     return tiny_project(cfg, datasets, output_dir, run=short_run(cfg.run), cache_root=cache_root,
-                        teacher_checkpoint=teacher_checkpoint)
+                        teacher_checkpoint=teacher_checkpoint, stage0_checkpoint=stage0_checkpoint)

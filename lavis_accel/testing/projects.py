@@ -6,7 +6,8 @@ model keys of ``tiny_models.tiny_model_config``, synthetic ``datasets:`` entries
 
 A model with a teacher (DLIP's ``dlip_pretrain``) keeps the teacher its project names (the arch's default block,
 then the project's keys; ``teacher: null`` stays without one), made tiny; its ``pretrained`` file is a tiny random
-teacher that ``tiny_models.write_tiny_teacher`` writes.
+teacher that ``tiny_models.write_tiny_teacher`` writes. A P-Former stage-1/2 project's ``pretrained_stage0`` is a tiny
+random stage-0 file (``tiny_models.write_tiny_stage0``).
 """
 import os
 
@@ -42,20 +43,30 @@ def tiny_teacher(model_cfg, teacher_checkpoint=None):
     return {"teacher": tiny}
 
 
-def tiny_project(project, datasets, output_dir, *, model=None, run=None, cache_root=None, teacher_checkpoint=None):
+def tiny_stage0(model_cfg, stage0_checkpoint=None):
+    """``{"pretrained_stage0": stage0_checkpoint}`` for a P-Former stage-1/2 project that names a stage-0 file (a
+    file of ``tiny_models.write_tiny_stage0``), else ``{}``."""
+    if stage0_checkpoint is None or not model_cfg.get("pretrained_stage0"):
+        return {}
+    return {"pretrained_stage0": str(stage0_checkpoint)}
+
+
+def tiny_project(project, datasets, output_dir, *, model=None, run=None, cache_root=None, teacher_checkpoint=None,
+                 stage0_checkpoint=None):
     """A CPU-sized version of ``project`` (a yaml path or a mapping), as an OmegaConf config.
 
     ``datasets`` maps each dataset the project uses to its synthetic entry (as the ``write_*`` functions return);
     ``model`` and ``run`` are extra overrides applied last; ``cache_root`` becomes ``env.cache_root`` (where the
     caption task finds ``coco_gt/``); ``teacher_checkpoint`` is the ``model.teacher.pretrained`` of a model with a
-    teacher (a file of ``tiny_models.write_tiny_teacher``; None keeps the project's).
+    teacher (a file of ``tiny_models.write_tiny_teacher``; None keeps the project's); ``stage0_checkpoint`` the
+    ``model.pretrained_stage0`` of a P-Former project naming one (None keeps the project's).
     """
     cfg = OmegaConf.load(project) if isinstance(project, (str, os.PathLike)) else OmegaConf.create(project)
     missing = [name for name in cfg.datasets if name not in datasets]
     if missing:
         raise ValueError(f"datasets: no synthetic entry for {', '.join(missing)}")
     tiny_model = {**tiny_model_config(cfg.model.arch, cfg.model.get("model_type")),
-                  **tiny_teacher(cfg.model, teacher_checkpoint)}
+                  **tiny_teacher(cfg.model, teacher_checkpoint), **tiny_stage0(cfg.model, stage0_checkpoint)}
     cfg.model = OmegaConf.merge(cfg.model, tiny_model, model or {})
     cfg.datasets = OmegaConf.merge(cfg.datasets, {name: datasets[name] for name in cfg.datasets})
     cfg.run = OmegaConf.merge(cfg.run, CPU_RUN, {"output_dir": str(output_dir)}, run or {})

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from lavis_accel.models.clip_types import TINY_CLIP_TYPE
 from lavis_accel.models.crossget_model import CrossGetModel
 from lavis_accel.models.dlip_teacher import teacher_class_and_config
+from lavis_accel.models.pformer_net import build_pformer, llm_width
 from lavis_accel.models.pretrain_build import build_pretrain_model
 from lavis_accel.configs import packaged_config
 from lavis_accel.models.vit_types import vit_type_size
@@ -97,6 +98,8 @@ def tiny_model_config(arch, model_type=None):
             tiny.update(teacher=tiny_teacher_config(parent.teacher))
     else:
         tiny.update(vit_model=TINY_EVA_VIT, num_query_token=TINY_NUM_QUERY_TOKEN)
+        if getattr(registry.get_model_class(arch), "TEXT_LENGTH_IS_QUERY_COUNT", False):
+            tiny.update(max_txt_len=TINY_NUM_QUERY_TOKEN)  # P-Former: one prompt per token of the padded sentence
         if "opt_model" in parent:
             tiny.update(opt_model=hub.TINY_OPT_REPO)
         if "t5_model" in parent:
@@ -136,6 +139,22 @@ def write_tiny_teacher(teacher_block, path):
             teacher = model_cls.from_config(cfg)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({"model": teacher.state_dict()}, path)
+    return str(path)
+
+
+def write_tiny_stage0(model_cfg, path):
+    """Write a tiny random P-Former stage-0 checkpoint (``{"model": {"Pformer.*": ...}}``) and return ``path``.
+
+    It fits the tiny P-Former stage-1/2 model of ``model_cfg`` (a config as ``tiny_model_config`` makes it: its
+    ``num_query_token`` prompts of the width of its ``opt_model`` or ``t5_model``), so that model's
+    ``pretrained_stage0`` can name it. Needs the offline hub; seeded, the global torch RNG left as it was.
+    """
+    kind, name = ("t5", model_cfg.get("t5_model")) if model_cfg.get("t5_model") else ("opt", model_cfg.get("opt_model"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_TEACHER_SEED)
+        pformer = build_pformer(model_cfg.get("num_query_token"), kind, llm_width(kind, name), contrastive=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save({"model": {f"Pformer.{key}": value for key, value in pformer.state_dict().items()}}, path)
     return str(path)
 
 

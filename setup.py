@@ -24,6 +24,6 @@ setup(
         "webdataset",  # the image_text_shards builder (a dependency of LAVIS too)
         "timm",  # DLIP's DeiT start (a dependency of LAVIS too)
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "pytest-xdist"]},  # the suite runs on two workers (run_scripts/test.sh)
     entry_points={"console_scripts": ["lavis-accel=lavis_accel.cli:main"]},
 )

@@ -14,10 +14,9 @@ Fixtures:
 - ``single_process_group``: a one-process gloo ``torch.distributed`` group for the test's duration, for LAVIS code
   that calls ``dist.get_rank()``/``get_world_size()`` unconditionally (CLIP's loss, BLIP-2's Q-Former forward).
 
-On two workers (``pytest -n 2 --dist loadgroup``, as ``run_scripts/test.sh`` runs it), every test module stays on one
-worker, so its module-scoped fixtures (trained tiny models, chains of CLI jobs) are built once; the modules in
-``SPREAD_MODULES`` hold independent tests (each with its own ``tmp_path``) and spread over both workers. Each worker
-is its own process with its own offline hub.
+On two workers (``pytest -n 2 --dist loadfile``, as ``run_scripts/test.sh`` runs it), every test module stays on one
+worker, so its module-scoped fixtures (trained tiny models, chains of CLI jobs) are built once. Each worker is its
+own process with its own offline hub.
 """
 import atexit
 import os
@@ -42,17 +41,6 @@ from lavis_accel.testing import hub  # noqa: E402  (imports transformers: only a
 
 hub.activate_offline_hub(_HUB_ROOT)
 hub.write_offline_hub(_HUB_ROOT)
-
-
-SPREAD_MODULES = {"test_dry_run"}  # one rehearsal per test, nothing shared between them
-
-
-def pytest_collection_modifyitems(config, items):
-    """Keep each module's tests on one pytest-xdist worker (``--dist loadgroup``), but for ``SPREAD_MODULES``."""
-    for item in items:
-        module = item.module.__name__
-        if module not in SPREAD_MODULES:
-            item.add_marker(pytest.mark.xdist_group(module))
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,8 @@ SUBCOMMANDS = {
     "evaluate": ("lavis_accel.jobs", "evaluate", "evaluate a LAVIS project yaml (LAVIS's evaluate.py)"),
     "bench": ("lavis_accel.bench.cli", "run", "FLOPs, throughput and memory of an accelerated arch vs its parent"),
     "demo": ("lavis_accel.demo", "run", "train, evaluate and compare accelerated models on synthetic data (CPU)"),
+    "pformer-demo": ("lavis_accel.pformer_demo", "run", "P-Former at toy scale: BLIP-2 trained on few pairs with and "
+                     "without P-Former alignment, scored on the same held-out images (CPU)"),
     "dry-run": ("lavis_accel.dryrun", "run", "rehearse a project yaml at tiny size on synthetic data, on CPU"),
     "convert": ("lavis_accel.convert", "run", "turn a released checkpoint of another code base (MADTP) into one "
                 "the plugin's models load"),

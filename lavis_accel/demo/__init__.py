@@ -16,13 +16,18 @@ import sys
 from lavis_accel.demo.settings import DemoSettings, add_arguments  # noqa: F401
 
 
-def run(args) -> int:
+def run_offline_worker(module, argv, workdir, tag, extra_env=None) -> int:
+    """Write the offline tokenizer hub under ``workdir`` and run ``python -m module ARGV`` with the environment that
+    points transformers at it (set before transformers is imported); the child's exit status."""
     from lavis_accel.testing.hub import offline_env, write_offline_hub
 
-    settings = DemoSettings.from_args(args)
-    hub_root = os.path.join(settings.workdir, "hub")
-    print(f"[demo] writing the offline tokenizer hub to {hub_root}", flush=True)
+    hub_root = os.path.join(workdir, "hub")
+    print(f"[{tag}] writing the offline tokenizer hub to {hub_root}", flush=True)
     write_offline_hub(hub_root)
-    env = {**os.environ, **offline_env(hub_root)}
-    command = [sys.executable, "-m", "lavis_accel.demo.worker"] + settings.argv()
-    return subprocess.run(command, env=env).returncode
+    env = {**(extra_env or {}), **os.environ, **offline_env(hub_root)}
+    return subprocess.run([sys.executable, "-m", module] + list(argv), env=env).returncode
+
+
+def run(args) -> int:
+    settings = DemoSettings.from_args(args)
+    return run_offline_worker("lavis_accel.demo.worker", settings.argv(), settings.workdir, "demo")

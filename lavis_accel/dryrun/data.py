@@ -5,7 +5,8 @@ that writer's dataset (so the same annotation format): Flickr30k retrieval as CO
 Visual Genome QA (``vg_vqa``) and GQA differ in one field only (one answer string per question, not a list), so
 their writers convert the VQA writer's questions. LAVIS's pretraining datasets (CC3M, CC12M, SBU, VG captions)
 have a train split only, written from the train size; ``image_text_shards`` gets the train size's samples in two
-tar shards. Any other dataset has no writer and is refused in one line.
+tar shards. P-Former's sentence datasets (``laion_sentence_115m``, ``sentences``, ``sentence_shards``) get the
+train size's synthetic captions, as text only. Any other dataset has no writer and is refused in one line.
 """
 import json
 import os

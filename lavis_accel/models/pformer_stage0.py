@@ -55,8 +55,12 @@ def gather_features(feats):
     return feats.detach(), 0
 
 
-class PformerStage0(Blip2Base):
-    """What both stage-0 archs share: the P-Former, its BERT tokenizer, the contrastive loss and the prompts."""
+class PformerStage0(FrozenMemberMixin, Blip2Base):
+    """What both stage-0 archs share: the P-Former, its BERT tokenizer, the contrastive loss and the prompts; the
+    frozen LLM (``FROZEN_MEMBER``, the attribute ``LLM_KEY`` names) is never saved, and follows the model's train
+    mode as the reference's did."""
+
+    FROZEN_MEMBER_IN_EVAL = False
 
     TEXT_LENGTH_IS_QUERY_COUNT = True  # one prompt per token of the P-Former's padded sentence
     LLM_KIND = None  # "opt" or "t5" (pformer_net's llm_kind)
@@ -124,7 +128,7 @@ def _frozen(llm):
 
 
 @register_model("pformer_opt")
-class PformerOPT(FrozenMemberMixin, PformerStage0):
+class PformerOPT(PformerStage0):
     """Stage 0 against a frozen OPT: ``loss = loss_c + loss_vq + loss_lm`` (module docstring)."""
 
     PRETRAINED_MODEL_CONFIG_DICT = {
@@ -132,9 +136,7 @@ class PformerOPT(FrozenMemberMixin, PformerStage0):
         "pformer_opt6.7b": packaged_config("pformer_opt6.7b.yaml"),
     }
     LLM_KIND = "opt"
-    LLM_KEY = "opt_model"
-    FROZEN_MEMBER = "opt_model"  # never saved (LAVIS's runner misses the tied lm_head); in train mode as the reference
-    FROZEN_MEMBER_IN_EVAL = False
+    LLM_KEY = FROZEN_MEMBER = "opt_model"  # never saved (LAVIS's runner would save the tied lm_head)
     PFORMER_SUFFIX = "\n"  # the P-Former and OPT read "sentence\n" in every stage
 
     def __init__(self, num_query_token=DEFAULT_NUM_QUERY_TOKEN, llm_name="facebook/opt-2.7b", prompt="",
@@ -200,7 +202,7 @@ class PformerOPT(FrozenMemberMixin, PformerStage0):
 
 
 @register_model("pformer_t5")
-class PformerT5(FrozenMemberMixin, PformerStage0):
+class PformerT5(PformerStage0):
     """Stage 0 against a frozen Flan-T5: ``loss = loss_c + loss_lm`` (module docstring)."""
 
     PRETRAINED_MODEL_CONFIG_DICT = {
@@ -208,9 +210,7 @@ class PformerT5(FrozenMemberMixin, PformerStage0):
         "pformer_flant5xxl": packaged_config("pformer_flant5xxl.yaml"),
     }
     LLM_KIND = "t5"
-    LLM_KEY = "t5_model"
-    FROZEN_MEMBER = "t5_model"  # never saved; in train mode as the reference
-    FROZEN_MEMBER_IN_EVAL = False
+    LLM_KEY = FROZEN_MEMBER = "t5_model"
     PFORMER_SUFFIX = ""  # the reference's T5 stages feed the raw sentence to the P-Former
 
     def __init__(self, num_query_token=DEFAULT_NUM_QUERY_TOKEN, llm_name="google/flan-t5-xl", prompt="",

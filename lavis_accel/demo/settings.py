@@ -28,10 +28,9 @@ class DemoSettings:
 
     @classmethod
     def from_args(cls, args):
-        values = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+        values = given_values(cls, args)
         if "r_values" in values:
             values["r_values"] = tuple(values["r_values"])
-        values["workdir"] = os.path.abspath(values.get("workdir", cls.workdir))
         settings = cls(**values)
         settings.check()
         return settings
@@ -62,12 +61,25 @@ class DemoSettings:
 
     def argv(self):
         """These settings as command-line options (for the worker process)."""
-        argv = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            flag = "--" + f.name.replace("_", "-")
-            argv += [flag] + ([str(v) for v in value] if isinstance(value, tuple) else [str(value)])
-        return argv
+        return settings_argv(self)
+
+
+def given_values(settings_cls, args):
+    """The fields of the dataclass ``settings_cls`` that ``args`` (parsed options) gives, ``workdir`` made absolute
+    (the worker process may run elsewhere)."""
+    values = {f.name: getattr(args, f.name) for f in fields(settings_cls) if getattr(args, f.name, None) is not None}
+    values["workdir"] = os.path.abspath(values.get("workdir", settings_cls.workdir))
+    return values
+
+
+def settings_argv(settings):
+    """A settings dataclass as the command-line options that give it back (``--name-with-dashes value ...``)."""
+    argv = []
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        argv += ["--" + f.name.replace("_", "-")] + ([str(v) for v in value] if isinstance(value, tuple)
+                                                     else [str(value)])
+    return argv
 
 
 def crossget_rv_limit() -> int:

@@ -1,8 +1,8 @@
 """The P-Former demo's knobs, with defaults that fit in about eight minutes on two CPU cores."""
 import argparse
-import os
 from dataclasses import dataclass, fields
 
+from lavis_accel.demo.settings import given_values, settings_argv
 from lavis_accel.errors import SettingError
 from lavis_accel.models.vit_types import vit_type_size
 from lavis_accel.testing.tiny_models import TINY_IMAGE_SIZE
@@ -35,9 +35,7 @@ class PformerDemoSettings:
 
     @classmethod
     def from_args(cls, args):
-        values = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
-        values["workdir"] = os.path.abspath(values.get("workdir", cls.workdir))
-        return cls(**values).check()
+        return cls(**given_values(cls, args)).check()
 
     def check(self):
         """Refuse, in one line, settings the demo cannot run or compare with."""
@@ -61,10 +59,7 @@ class PformerDemoSettings:
 
     def argv(self):
         """These settings as command-line options (for the worker process)."""
-        argv = []
-        for f in fields(self):
-            argv += ["--" + _flag(f.name), str(getattr(self, f.name))]
-        return argv
+        return settings_argv(self)
 
 
 def _flag(name):

@@ -22,14 +22,13 @@ out, logging the first few and the count, as ``run.on_bad_sample`` does for LAVI
 import json
 import logging
 import os
-import tarfile
 
 import webdataset as wds
 
 from lavis.datasets.datasets.base_dataset import BaseDataset
 from lavis_accel.checkpoints import rng_state, set_rng_state
 from lavis_accel.datasets.shards import (
-    DEFAULT_SHUFFLE_BUFFER, BadSamples, SeededShuffle, ShardSource, _add_file, sample_caption, scene_samples,
+    DEFAULT_SHUFFLE_BUFFER, BadSamples, SeededShuffle, ShardSource, sample_caption, scene_samples, write_tar_shards,
 )
 from lavis_accel.datasets.synthetic import _local, _write_json
 from lavis_accel.errors import SettingError
@@ -234,14 +233,7 @@ def write_sentence_shards(root, n=200, shard_size=50, seed=0):
     ``<root>/sentence_shards/`` and return the ``datasets:`` entry of ``sentence_shards`` that streams them."""
     _check_count("n", n)
     _check_count("shard_size", shard_size)
-    directory = os.path.join(os.path.abspath(root), SHARDS_NAME)
-    os.makedirs(directory, exist_ok=True)
-    samples = scene_samples(n, shard_size, seed)
-    n_shards = samples[-1][0] + 1
-    for shard in range(n_shards):
-        with tarfile.open(os.path.join(directory, f"{shard:05d}.tar"), "w") as tar:
-            for _, key, _, sentence in [s for s in samples if s[0] == shard]:
-                _add_file(tar, f"{key}.txt", sentence.encode("utf-8"))
-    return {SHARDS_NAME: {"data_type": "text",
-                          "build_info": {"storage": os.path.join(directory, f"{{00000..{n_shards - 1:05d}}}.tar")},
+    storage = write_tar_shards(os.path.join(os.path.abspath(root), SHARDS_NAME), scene_samples(n, shard_size, seed),
+                               lambda key, scene, sentence: [(f"{key}.txt", sentence.encode("utf-8"))])
+    return {SHARDS_NAME: {"data_type": "text", "build_info": {"storage": storage},
                           "text_processor": _text_processors()}}

@@ -233,6 +233,20 @@ def _jpeg(scene, image_size):
     return buffer.getvalue()
 
 
+def write_tar_shards(directory, samples, files):
+    """Write ``samples`` (``scene_samples``' ``(shard, key, scene, caption)``) as ``<directory>/00000.tar``, ...,
+    each sample's members from ``files(key, scene, caption)`` (``[(name, bytes), ...]``); the brace pattern that
+    names the shards."""
+    os.makedirs(directory, exist_ok=True)
+    n_shards = samples[-1][0] + 1
+    for shard in range(n_shards):
+        with tarfile.open(os.path.join(directory, f"{shard:05d}.tar"), "w") as tar:
+            for _, key, scene, caption in [s for s in samples if s[0] == shard]:
+                for name, data in files(key, scene, caption):
+                    _add_file(tar, name, data)
+    return os.path.join(directory, f"{{00000..{n_shards - 1:05d}}}.tar")
+
+
 def write_scene_shards(root, n=200, shard_size=50, image_size=96, seed=0, txt=True):
     """Write ``n`` synthetic scenes as img2dataset tar shards under ``<root>/image_text_shards/`` and return the
     ``datasets:`` entry of ``image_text_shards`` that streams them (a brace pattern over the shards).
@@ -245,24 +259,18 @@ def write_scene_shards(root, n=200, shard_size=50, image_size=96, seed=0, txt=Tr
             raise ValueError(f"{label} must be a positive integer, got {value!r}")
     if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be an integer of at least {MIN_IMAGE_SIZE} pixels, got {image_size!r}")
-    directory = os.path.join(os.path.abspath(root), NAME)
-    os.makedirs(directory, exist_ok=True)
-    samples = scene_samples(n, shard_size, seed)
-    n_shards = samples[-1][0] + 1
-    for shard in range(n_shards):
-        with tarfile.open(os.path.join(directory, f"{shard:05d}.tar"), "w") as tar:
-            for _, key, scene, caption in [s for s in samples if s[0] == shard]:
-                meta = {"url": f"synthetic://scenes/{seed}/{key}", "key": key, "caption": caption,
-                        "status": "success", "error_message": None, "width": image_size, "height": image_size,
-                        "original_width": image_size, "original_height": image_size}
-                _add_file(tar, f"{key}.jpg", _jpeg(scene, image_size))
-                if txt:
-                    _add_file(tar, f"{key}.txt", caption.encode("utf-8"))
-                _add_file(tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
+    def files(key, scene, caption):
+        meta = {"url": f"synthetic://scenes/{seed}/{key}", "key": key, "caption": caption,
+                "status": "success", "error_message": None, "width": image_size, "height": image_size,
+                "original_width": image_size, "original_height": image_size}
+        text = [(f"{key}.txt", caption.encode("utf-8"))] if txt else []
+        return [(f"{key}.jpg", _jpeg(scene, image_size)), *text, (f"{key}.json", json.dumps(meta).encode("utf-8"))]
+
+    storage = write_tar_shards(os.path.join(os.path.abspath(root), NAME), scene_samples(n, shard_size, seed), files)
     image_processor = {"name": "blip_image_eval", "image_size": image_size}  # see synthetic.py: no crops, no flips
     return {NAME: {
         "data_type": "images",
-        "build_info": {"storage": os.path.join(directory, f"{{00000..{n_shards - 1:05d}}}.tar")},
+        "build_info": {"storage": storage},
         "vis_processor": {"train": dict(image_processor), "eval": dict(image_processor)},
         "text_processor": {"train": {"name": "blip_caption"}, "eval": {"name": "blip_caption"}},
     }}

@@ -76,17 +76,23 @@ FIRST_FILE_ONLY = {"COCOVQAEvalDataset"}
 GALLERY_CLASSES = {"RetrievalEvalDataset"}
 
 
-def _read_entries(path, where):
+def load_json_file(path, where, hint=""):
+    """The JSON content of the annotation file ``path``; a file that cannot be read or parsed is refused in one line
+    naming ``where`` (a setting) and the file, ``hint`` appended to a parse error."""
     try:
         with open(path, encoding="utf-8") as f:
-            entries = json.load(f)
+            return json.load(f)
     except json.JSONDecodeError as err:
         raise SettingError(f"{where}: {path} is not valid JSON (line {err.lineno}, column {err.colno}: "
-                           f"{err.msg})") from None
+                           f"{err.msg}){hint}") from None
     except UnicodeDecodeError:
         raise SettingError(f"{where}: {path} is not a text (UTF-8) JSON file") from None
     except OSError as err:
         raise SettingError(f"{where}: {path} cannot be read: {err.strerror}") from None
+
+
+def _read_entries(path, where):
+    entries = load_json_file(path, where)
     if not isinstance(entries, list):
         raise SettingError(f"{where}: {path} must hold a JSON list of entries, not a {type(entries).__name__}")
     if not entries:

@@ -27,6 +27,7 @@ import webdataset as wds
 
 from lavis.datasets.datasets.base_dataset import BaseDataset
 from lavis_accel.checkpoints import rng_state, set_rng_state
+from lavis_accel.data_checks import load_json_file
 from lavis_accel.datasets.shards import (
     DEFAULT_SHUFFLE_BUFFER, BadSamples, SeededShuffle, ShardSource, sample_caption, scene_samples, write_tar_shards,
 )
@@ -58,16 +59,8 @@ def _entry_sentence(entry):
 
 
 def _load_json(path, where):
-    try:
-        with open(path, encoding="utf-8") as f:
-            entries = json.load(f)
-    except json.JSONDecodeError as err:
-        raise SettingError(f"{where}: {path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
-                           "a sentence file is a JSON list, or a .txt file with one sentence per line") from None
-    except UnicodeDecodeError:
-        raise SettingError(f"{where}: {path} is not a text (UTF-8) file") from None
-    except OSError as err:
-        raise SettingError(f"{where}: {path} cannot be read: {err.strerror}") from None
+    entries = load_json_file(path, where, hint="; a sentence file is a JSON list, or a .txt file with one sentence "
+                                                "per line")
     if not isinstance(entries, list):
         raise SettingError(f"{where}: {path} holds a JSON {type(entries).__name__}: a sentence file holds a JSON list "
                            "of {\"caption\": sentence} objects or of sentence strings")

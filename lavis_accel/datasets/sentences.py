@@ -19,7 +19,6 @@ out, logging the first few and the count, as ``run.on_bad_sample`` does for LAVI
 ``write_sentences`` and ``write_sentence_shards`` write the captions of the synthetic scenes (``scenes.py``,
 ``language.py``) in these layouts, so stage 0 learns the language the synthetic image-text data speaks.
 """
-import json
 import logging
 import os
 

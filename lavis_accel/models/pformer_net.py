@@ -123,6 +123,4 @@ def load_stage0(pformer, path, where="model.pretrained_stage0"):
 
 def freeze(pformer):
     """No gradients to the P-Former; the model keeps it in eval mode (``models.frozen_member``)."""
-    for param in pformer.parameters():
-        param.requires_grad = False
-    return pformer.eval()
+    return pformer.requires_grad_(False).eval()

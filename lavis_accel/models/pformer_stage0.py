@@ -121,12 +121,6 @@ class PformerStage0(FrozenMemberMixin, Blip2Base):
         return model
 
 
-def _frozen(llm):
-    for param in llm.parameters():
-        param.requires_grad = False
-    return llm
-
-
 @register_model("pformer_opt")
 class PformerOPT(PformerStage0):
     """Stage 0 against a frozen OPT: ``loss = loss_c + loss_vq + loss_lm`` (module docstring)."""
@@ -144,7 +138,7 @@ class PformerOPT(PformerStage0):
         super().__init__(num_query_token, llm_name, prompt, max_txt_len)
         self.opt_tokenizer = AutoTokenizer.from_pretrained(llm_name, use_fast=False)
         self.opt_tokenizer.padding_side = "right"
-        self.opt_model = _frozen(OPTForCausalLM.from_pretrained(llm_name, torch_dtype=torch.float16))
+        self.opt_model = OPTForCausalLM.from_pretrained(llm_name, torch_dtype=torch.float16).requires_grad_(False)
         embed_width = self.opt_model.get_input_embeddings().weight.shape[1]
         if embed_width != self.opt_model.config.hidden_size:
             raise SettingError(f"model.opt_model: {llm_name} embeds tokens in {embed_width} dimensions, not its "
@@ -219,7 +213,7 @@ class PformerT5(PformerStage0):
         self.t5_tokenizer = T5TokenizerFast.from_pretrained(llm_name)
         t5_config = T5Config.from_pretrained(llm_name)
         t5_config.dense_act_fn = "gelu"  # as stock blip2_t5
-        self.t5_model = _frozen(T5ForConditionalGeneration.from_pretrained(llm_name, config=t5_config))
+        self.t5_model = T5ForConditionalGeneration.from_pretrained(llm_name, config=t5_config).requires_grad_(False)
         for param in self.t5_model.parameters():
             param.data = param.data.bfloat16()
         logging.info("pformer_t5: P-Former of %d prompts, frozen %s", num_query_token, llm_name)

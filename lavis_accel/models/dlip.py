@@ -12,7 +12,6 @@ its task losses (recorded with :mod:`lavis_accel.patch.med_record`); the teacher
 As in the reference, the teacher's ITC targets use the student's queue (already holding this batch's momentum
 features) and temperature, and alpha follows BLIP's ramp over the first two epochs.
 """
-import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,12 +29,12 @@ from lavis_accel.configs import packaged_config
 from lavis_accel.errors import SettingError
 from lavis_accel.models import dlip_teacher
 from lavis_accel.models.frozen_member import FrozenMemberMixin
+from lavis_accel.models.unpublished import random_start_if_unnamed, unnamed_checkpoint
 from lavis_accel.models.pretrain_build import build_pretrain_model
 from lavis_accel.patch.med_record import LastLayerRecorder
 from lavis_accel.reduce import dlip as terms
 from lavis_accel.registration import register_model
 
-logger = logging.getLogger(__name__)
 
 STUDENT_MED_CONFIG = packaged_config("med_config_small.json")
 ITC_LOSSES = ("softmax", "sigmoid")
@@ -56,14 +55,10 @@ def unnamed_weights(arch, cfg, loads_finetuned=True):
 
     ``loads_finetuned``: whether the arch reads ``finetuned`` at all (the feature extractor reads ``pretrained`` only).
     """
-    if loads_finetuned and cfg.get("load_finetuned", True):
-        if not cfg.get("finetuned"):
-            return (f"model.finetuned: {arch} has no published weights; name a fine-tuned DLIP checkpoint, or set "
-                    f"load_finetuned: False and model.pretrained to a dlip_pretrain checkpoint")
-    elif cfg.get("load_pretrained", True) and not cfg.get("pretrained"):
-        return (f"model.pretrained: {arch} has no published weights; name a DLIP checkpoint (projects/dlip/train/"
-                f"pretrain.yaml writes one), or set load_pretrained: False")
-    return None
+    return unnamed_checkpoint(
+        arch, cfg, "name a fine-tuned DLIP checkpoint, or set load_finetuned: False and model.pretrained to a "
+        "dlip_pretrain checkpoint", "name a DLIP checkpoint (projects/dlip/train/pretrain.yaml writes one), or set "
+        "load_pretrained: False", loads_finetuned)
 
 
 @dataclass
@@ -207,12 +202,7 @@ class DlipStudent:
     @classmethod
     def from_config(cls, cfg=None):
         cfg = student_config(cfg)
-        problem = cls.unnamed_weights(cfg)
-        if problem:
-            logger.warning("%s; the model is randomly initialised (load_model(..., checkpoint=path) loads a file)",
-                           problem)
-            cfg = OmegaConf.merge(cfg, {"load_finetuned": False, "load_pretrained": False, "pretrained": None})
-        return super().from_config(cfg)
+        return super().from_config(random_start_if_unnamed(cfg, cls.unnamed_weights(cfg)))
 
 
 @register_model("dlip_retrieval")

@@ -21,7 +21,6 @@ called ``train()``), and left out of the state dict, so a stage-2 checkpoint loa
 ``blip2_t5``. With ``loss_weight: 0`` every arch computes exactly what its LAVIS parent does.
 """
 import contextlib
-import logging
 import math
 import os
 from dataclasses import dataclass
@@ -33,17 +32,16 @@ from lavis.models.blip2_models.blip2_opt import Blip2OPT
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 from lavis.models.blip2_models.blip2_t5 import Blip2T5
 from lavis.models.blip_models.blip_outputs import BlipOutput
-from omegaconf import OmegaConf
 from torch import nn
 
 from lavis_accel.configs import packaged_config
 from lavis_accel.errors import SettingError
 from lavis_accel.models import pformer_net
 from lavis_accel.models.frozen_member import FrozenMemberMixin
+from lavis_accel.models.unpublished import random_start_if_unnamed, unnamed_checkpoint
 from lavis_accel.reduce import pformer as maths
 from lavis_accel.registration import register_model
 
-logger = logging.getLogger(__name__)
 
 DEFAULT_LOSS_WEIGHT = 1.0  # the reference's default when a config names none
 PFORMER_TEXT_SUFFIX = {"opt": "\n", "t5": ""}  # what the P-Former's stage 0 appended to each sentence
@@ -106,17 +104,12 @@ def alignment_settings(cfg, supports_alignment_only):
     return AlignmentSettings(weight, cfg.get("pretrained_stage0") or None, alignment_only)
 
 
-def unnamed_checkpoint(arch, cfg, previous):
+def unnamed_stage_checkpoint(arch, cfg, previous):
     """Why ``cfg`` asks LAVIS to load a checkpoint it does not name, or None. ``previous``: what the arch's own
     weights start from (no P-Former weights are published)."""
-    if cfg.get("load_finetuned", True):
-        if not cfg.get("finetuned"):
-            return (f"model.finetuned: {arch} has no published weights; name a fine-tuned {arch} checkpoint, or set "
-                    f"load_finetuned: False and model.pretrained to {previous}")
-    elif cfg.get("load_pretrained", True) and not cfg.get("pretrained"):
-        return (f"model.pretrained: {arch} has no published weights; name {previous}, or set load_pretrained: False "
-                "(random start)")
-    return None
+    return unnamed_checkpoint(
+        arch, cfg, f"name a fine-tuned {arch} checkpoint, or set load_finetuned: False and model.pretrained to "
+        f"{previous}", f"name {previous}, or set load_pretrained: False (random start)")
 
 
 @contextlib.contextmanager
@@ -174,7 +167,7 @@ class PformerAlignment(FrozenMemberMixin):
         """Why the model config ``cfg`` lacks weights it needs, or None (``config_checks`` refuses a CLI run on it)."""
         weight = _loss_weight(cfg)
         problem = _stage0_problem(cfg, weight) if weight > 0 else None
-        return problem or unnamed_checkpoint(cls.ARCH, cfg, cls.PREVIOUS_STAGE)
+        return problem or unnamed_stage_checkpoint(cls.ARCH, cfg, cls.PREVIOUS_STAGE)
 
     @classmethod
     def from_config(cls, cfg):
@@ -182,12 +175,8 @@ class PformerAlignment(FrozenMemberMixin):
         it does not name builds a random model with a warning (LAVIS's ``load_model(..., checkpoint=path)`` then
         loads one's own file); a ``lavis-accel`` run refuses it before any work."""
         alignment_settings(cfg, cls.SUPPORTS_ALIGNMENT_ONLY)
-        problem = unnamed_checkpoint(cls.ARCH, cfg, cls.PREVIOUS_STAGE)
-        if problem:
-            logger.warning("%s; the model is randomly initialised (load_model(..., checkpoint=path) loads a file)",
-                           problem)
-            cfg = OmegaConf.merge(cfg, {"load_finetuned": False, "load_pretrained": False, "pretrained": None})
-        return super().from_config(cfg)
+        problem = unnamed_stage_checkpoint(cls.ARCH, cfg, cls.PREVIOUS_STAGE)
+        return super().from_config(random_start_if_unnamed(cfg, problem))
 
     def load_checkpoint_from_config(self, cfg, **kwargs):
         """Add the alignment parts, let LAVIS load the checkpoint, then load the P-Former from its stage-0 file."""

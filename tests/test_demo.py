@@ -13,7 +13,7 @@ from lavis_accel.config_checks import check_project
 from lavis_accel.datasets import write_retrieval
 from lavis_accel.demo import project, report
 from lavis_accel.demo.settings import DemoSettings
-from lavis_accel.demo.worker import settings_to_compare
+from lavis_accel.demo.worker import settings_to_compare, students_to_compare
 from lavis_accel.errors import SettingError
 
 RECALLS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10")
@@ -21,14 +21,16 @@ RECALLS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10")
 
 @pytest.mark.parametrize("changes, message", [
     ({"epochs": 0}, "--epochs must be at least 1"),
-    ({"k_test": 300}, r"--k-test \(300\) must not exceed --n-test \(200\)"),
+    ({"k_test": 300}, r"--k-test \(300\) must not exceed --n-test \(100\)"),
     ({"r_values": (0, 4)}, "--r-values must be positive"),
     ({"madtp_p": 1.0}, r"--madtp-p must be in \(0, 1\)"),
     ({"madtp_epochs": 0}, "--madtp-epochs must be at least 1"),
     ({"crossget_epochs": 0}, "--crossget-epochs must be at least 1"),
-    ({"crossget_rv": 0}, r"--crossget-rv must be from 1 to 18 \(half the demo ViT's patch tokens\), got 0"),
-    ({"crossget_rv": 19}, "--crossget-rv must be from 1 to 18"),
+    ({"crossget_rv": 0}, r"--crossget-rv must be from 1 to 72 \(half the demo ViT's patch tokens\), got 0"),
+    ({"crossget_rv": 73}, "--crossget-rv must be from 1 to 72"),
     ({"dlip_epochs": 0}, "--dlip-epochs must be at least 1"),
+    ({"methods": ("tome", "tomme")}, "demo --methods: unknown 'tomme'; choose from tome turbo madtp crossget dlip"),
+    ({"methods": ()}, "demo --methods: none given"),
 ])
 def test_bad_settings_are_refused(changes, message):
     with pytest.raises(SettingError, match=message):
@@ -37,9 +39,36 @@ def test_bad_settings_are_refused(changes, message):
 
 def test_compares_the_parent_then_tome_and_turbo_at_each_r_then_madtp_and_crossget():
     compared = settings_to_compare(DemoSettings(r_values=(2, 4), madtp_p=0.3, crossget_rv=6))
-    assert [name for name, _ in compared] == ["parent", "tome_r2", "tome_r4", "turbo_r2", "turbo_r4", "madtp_p30",
-                                              "crossget_rv6"]
+    assert [name for name, _ in compared] == ["parent", "tome_r2", "tome_r4", "turbo_r2", "turbo_r4",
+                                              "turbo_scaled_r2", "turbo_scaled_r4", "madtp_p30", "crossget_rv6"]
+    reducers = dict(compared)
+    assert reducers["turbo_r4"] == {"name": "turbo", "r": 4}  # the reference's alpha
+    assert reducers["turbo_scaled_r4"] == {"name": "turbo", "r": 4, "scale_alpha": True}
     assert compared[-1][1] == {"name": "crossget", "rv": 6, "rl": 0}
+
+
+def test_methods_choose_the_rows_and_what_is_trained_for_them():
+    quick = DemoSettings(r_values=(8,), methods=("turbo", "tome"))
+    assert [name for name, _ in settings_to_compare(quick)] == ["parent", "tome_r8", "turbo_r8", "turbo_scaled_r8"]
+    assert students_to_compare(quick) == []
+    only_students = DemoSettings(methods=("dlip",))
+    assert [name for name, _ in settings_to_compare(only_students)] == ["parent"]
+    assert students_to_compare(only_students) == [("dlip", True), ("dlip_task_only", False)]
+
+
+def test_the_demo_vit_sees_145_tokens_and_so_does_every_model_of_the_table(tmp_path):
+    settings = DemoSettings(workdir=str(tmp_path))
+    datasets = write_retrieval(tmp_path / "data", n_train=2, n_val=2, n_test=2)
+    configs = [project.train_config(settings, datasets),
+               project.eval_config(settings, datasets, "ckpt.pth", "tome_r4", {"name": "tome", "r": 4}),
+               project.madtp_train_config(settings, datasets, "ckpt.pth"),
+               project.crossget_train_config(settings, datasets, "ckpt.pth"),
+               project.dlip_train_config(settings, datasets, "ckpt.pth"),
+               project.dlip_eval_config(settings, datasets, "student.pth", "dlip")]
+    for config in configs:
+        model = config["model"]
+        assert (model["image_size"] // model["vit_patch_size"]) ** 2 + 1 == 145
+    assert configs[4]["model"]["teacher"]["vit_patch_size"] == project.DEMO_PATCH_SIZE
 
 
 def test_configs_are_valid_lavis_projects(tmp_path):
@@ -49,8 +78,9 @@ def test_configs_are_valid_lavis_projects(tmp_path):
     assert med_config["num_hidden_layers"] == 4  # as many text layers as ViT blocks: CrossGET's loss pairs them
     train = OmegaConf.create(project.train_config(settings, datasets))
     check_project(train)
-    assert train.model.arch == "blip_retrieval" and train.run.device == "cpu" and train.run.max_epoch == 6
+    assert train.model.arch == "blip_retrieval" and train.run.device == "cpu" and train.run.max_epoch == 4
     assert train.model.med_config_path == project.med_config_path(settings)
+    assert list(train.run.valid_splits) == [] == list(train.run.test_splits)  # the last epoch is kept
     evaluated = OmegaConf.create(project.eval_config(settings, datasets, "ckpt.pth", "turbo_r4",
                                                      {"name": "turbo", "r": 4}))
     check_project(evaluated)
@@ -66,10 +96,10 @@ def test_configs_are_valid_lavis_projects(tmp_path):
     crossget = OmegaConf.create(project.crossget_train_config(settings, datasets, "ckpt.pth"))
     check_project(crossget)
     assert crossget.model.arch == "blip_retrieval_crossget" and crossget.model.finetuned == "ckpt.pth"
-    assert dict(crossget.model.reducer) == {"name": "crossget", "rv": 8, "rl": 0}
+    assert dict(crossget.model.reducer) == {"name": "crossget", "rv": 24, "rl": 0}
     assert crossget.run.task == "crossget_retrieval" and crossget.run.crossget.kd_weight == 0.5
     assert crossget.run.max_epoch == settings.crossget_epochs
-    crossget_eval = OmegaConf.create(project.eval_config(settings, datasets, "crossget.pth", "crossget_rv8",
+    crossget_eval = OmegaConf.create(project.eval_config(settings, datasets, "crossget.pth", "crossget_rv24",
                                                          project.crossget_reducer(settings)))
     check_project(crossget_eval)
     assert crossget_eval.model.arch == "blip_retrieval_crossget" and crossget_eval.run.task == "retrieval"
@@ -131,11 +161,12 @@ def test_the_demo_student_pairs_with_the_demo_model_and_is_taught_six_terms(tmp_
 
 def test_table_lists_every_setting():
     row = {"setting": "turbo_r4", "params": 1_234_567, "txt_r1": 50.0, "txt_r5": 80.0, "txt_r10": 90.0,
-           "img_r1": 40.0, "img_r5": 70.0, "img_r10": 85.0, "vision_gflops": 0.05, "vision_speedup": 1.3,
-           "task_gflops": 0.4, "task_speedup": 1.1}
+           "img_r1": 40.0, "img_r5": 70.0, "img_r10": 85.0, "r_mean": 69.1667, "vision_gflops": 0.05,
+           "vision_speedup": 1.3, "task_gflops": 0.4, "task_speedup": 1.1}
     lines = report.table([row]).splitlines()
     assert lines[0].startswith("| setting | params (M) | txt R@1") and len(lines) == 3
-    assert lines[2] == "| turbo_r4 | 1.23 | 50.0 | 80.0 | 90.0 | 40.0 | 70.0 | 85.0 | 0.0500 | 1.30x | 0.4000 | 1.10x |"
+    assert lines[2] == ("| turbo_r4 | 1.23 | 50.0 | 80.0 | 90.0 | 40.0 | 70.0 | 85.0 | 69.2 | 0.0500 | 1.30x | 0.4000 "
+                        "| 1.10x |")
 
 
 def test_a_small_demo_runs_end_to_end(tmp_path):
@@ -149,22 +180,27 @@ def test_a_small_demo_runs_end_to_end(tmp_path):
     assert "| parent |" in result.stdout and "| turbo_r4 |" in result.stdout
     results = json.load(open(workdir / "results.json"))
     rows = {row["setting"]: row for row in results["results"]}
-    assert set(rows) == {"parent", "tome_r4", "turbo_r4", "madtp_p30", "crossget_rv4", "dlip", "dlip_task_only"}
+    assert set(rows) == {"parent", "tome_r4", "turbo_r4", "turbo_scaled_r4", "madtp_p30", "crossget_rv4", "dlip",
+                         "dlip_task_only"}
     assert "| crossget_rv4 |" in result.stdout
     assert os.path.isfile(results["checkpoint"])
-    assert rows["parent"]["vision_speedup"] == 1.0
+    assert rows["parent"]["vision_speedup"] == 1.0 and rows["parent"]["vision_speedup_ci"] == [1.0, 1.0]
+    low, high = rows["turbo_r4"]["vision_speedup_ci"]
+    assert low <= rows["turbo_r4"]["vision_speedup"] <= high
+    assert (rows["turbo_scaled_r4"]["method"], rows["turbo_scaled_r4"]["reducer"]) == ("turbo_scaled", "turbo")
+    assert OmegaConf.load(workdir / "configs" / "eval_turbo_scaled_r4.yaml").model.reducer.scale_alpha
     assert rows["turbo_r4"]["vision_gflops"] < rows["parent"]["vision_gflops"]
     assert rows["turbo_r4"]["task_gflops"] < rows["parent"]["task_gflops"]
     assert 0 <= rows["turbo_r4"]["txt_r1"] <= rows["turbo_r4"]["txt_r10"] <= 100
     assert rows["madtp_p30"]["temperature"] > 0 and 0 <= rows["madtp_p30"]["img_r1"] <= 100
     crossget = rows["crossget_rv4"]
     assert (crossget["reducer"], crossget["r"], crossget["rl"]) == ("crossget", 4, 0)
-    assert crossget["vision_gflops"] < rows["parent"]["vision_gflops"]  # 37 -> 21 tokens, as ToMe at r = 4
+    assert crossget["vision_gflops"] < rows["parent"]["vision_gflops"]  # 145 -> 129 tokens, as ToMe at r = 4
     assert crossget["task_gflops"] < rows["parent"]["task_gflops"] and crossget["vision_speedup"] > 0
     assert 0 <= crossget["txt_r1"] <= crossget["txt_r10"] <= 100
     (log,) = (workdir / "crossget").rglob("log.txt")
     assert '"train_loss_kd"' in log.read_text()  # fine-tuned with CrossGET's JS loss
-    assert (workdir / "recall_vs_gflops.png").read_bytes()[:4] == b"\x89PNG"
+    assert (workdir / "recall_vs_speedup.png").read_bytes()[:4] == b"\x89PNG"
     for name, distilled in (("dlip", True), ("dlip_task_only", False)):
         student = rows[name]
         assert f"| {name} |" in result.stdout and (student["method"], student["distilled"]) == ("dlip", distilled)

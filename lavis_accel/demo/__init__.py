@@ -3,9 +3,9 @@
 Generates a synthetic retrieval dataset (scenes of coloured shapes at named positions, captions that describe
 them), fine-tunes a small BLIP retrieval model on it through LAVIS's runner, compresses it with MADTP and fine-tunes
 it with CrossGET (its JS loss), trains a smaller DLIP student twice (distilled from it, and on the task losses only),
-evaluates it through LAVIS's retrieval task unreduced, with ToMe and Turbo at several r, with MADTP and with
-CrossGET, and the two students, and prints recall@1/5/10 next to parameters, counted GFLOPs and the measured
-speed-up.
+evaluates it through LAVIS's retrieval task unreduced, with ToMe, Turbo and Turbo with ``scale_alpha`` at several r,
+with MADTP and with CrossGET, and the two students, and prints recall@1/5/10 next to parameters, counted GFLOPs and
+the measured speed-up. ``--methods`` picks the methods (``tome turbo`` alone is the quickest run).
 Everything runs in a child process (``python -m lavis_accel.demo.worker``) whose environment points transformers at
 a local offline hub before transformers is imported.
 """

@@ -4,20 +4,23 @@ import torch
 from lavis_accel.bench.flops import count_flops
 from lavis_accel.bench.memory import ParameterUse
 from lavis_accel.bench.tasks import StepInputs, retrieval_step, vision_step
-from lavis_accel.bench.throughput import Contender, median_and_spread, time_interleaved
+from lavis_accel.bench.throughput import Contender, paired_ratio, time_interleaved
 
 TIMED_IMAGES = 32
-REPEATS = 7
+REPEATS = 7  # rounds: the fewest whose order-statistic interval of a median reaches 95 % (bench.throughput)
+MIN_TIME = 0.3  # seconds each measurement lasts at least (a short step is repeated)
 
 
 def add_costs(rows, models, settings):
-    """Add ``params``, ``vision_gflops``, ``task_gflops``, ``vision_speedup`` and ``task_speedup`` to each row (in
-    place).
+    """Add ``params``, ``vision_gflops``, ``task_gflops``, ``vision_speedup`` and ``task_speedup`` (with their 95 %
+    intervals, ``*_speedup_ci``) to each row (in place).
 
     The vision step is the ViT alone; the task step is retrieval of one query image as LAVIS's
     ``compute_sim_matrix`` does it (ITC over the gallery, ITM re-ranking of ``k_test`` candidates). Speed-ups are
-    against the ``parent`` row, from medians of steps timed interleaved in this process. ``params`` are those the
-    task step reads (momentum copies, queues and training-only heads are not).
+    against the ``parent`` row: every setting is timed once per round, interleaved in this process, and a speed-up is
+    the median of its per-round ratios to the parent (``bench.throughput.paired_ratio``), so what slows a round
+    down cancels. ``params`` are those the task step reads (momentum copies, queues and training-only heads are
+    not).
     """
     parent = models["parent"]
     device = next(parent.parameters()).device
@@ -32,10 +35,10 @@ def add_costs(rows, models, settings):
                 if part == "task":
                     row["params"] = parameters_read(models[row["setting"]], step)
             contenders = [Contender(name, lambda: None, step.run) for name, step in steps.items()]
-            rates = time_interleaved(contenders, TIMED_IMAGES, device, warmup=1, repeats=REPEATS)
-        medians = {name: median_and_spread(values)[0] for name, values in rates.items()}
+            rates = time_interleaved(contenders, TIMED_IMAGES, device, warmup=1, repeats=REPEATS, min_time=MIN_TIME)
         for row in rows:
-            row[f"{part}_speedup"] = medians[row["setting"]] / medians["parent"]
+            ratio = paired_ratio(rates[row["setting"]], rates["parent"])
+            row[f"{part}_speedup"], row[f"{part}_speedup_ci"] = ratio.median, [ratio.low, ratio.high]
 
 
 def parameters_read(model, step) -> int:

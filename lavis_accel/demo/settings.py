@@ -5,8 +5,10 @@ from dataclasses import dataclass, fields
 from typing import Tuple
 
 from lavis_accel.errors import SettingError
-from lavis_accel.models.vit_types import vit_type_size
-from lavis_accel.testing.tiny_models import TINY_IMAGE_SIZE, TINY_VIT_TYPE
+from lavis_accel.demo.project import DEMO_PATCH_SIZE
+from lavis_accel.testing.tiny_models import TINY_IMAGE_SIZE
+
+METHODS = ("tome", "turbo", "madtp", "crossget", "dlip")  # the table's methods, in its order
 
 
 @dataclass(frozen=True)
@@ -14,23 +16,25 @@ class DemoSettings:
     workdir: str = "output/demo"
     n_train: int = 1000
     n_val: int = 100
-    n_test: int = 200
-    epochs: int = 6
-    batch_size: int = 32
-    k_test: int = 16
-    r_values: Tuple[int, ...] = (2, 4, 8)
+    n_test: int = 100
+    epochs: int = 4
+    batch_size: int = 16
+    k_test: int = 10
+    r_values: Tuple[int, ...] = (16, 24, 32)
     madtp_p: float = 0.3
-    madtp_epochs: int = 2
-    crossget_rv: int = 8
-    crossget_epochs: int = 2
-    dlip_epochs: int = 2
+    madtp_epochs: int = 1
+    crossget_rv: int = 24
+    crossget_epochs: int = 1
+    dlip_epochs: int = 1
+    methods: Tuple[str, ...] = METHODS
     seed: int = 42
 
     @classmethod
     def from_args(cls, args):
         values = given_values(cls, args)
-        if "r_values" in values:
-            values["r_values"] = tuple(values["r_values"])
+        for name in ("r_values", "methods"):
+            if name in values:
+                values[name] = tuple(values[name])
         settings = cls(**values)
         settings.check()
         return settings
@@ -53,6 +57,10 @@ class DemoSettings:
             raise SettingError(f"demo --crossget-epochs must be at least 1, got {self.crossget_epochs}")
         if self.dlip_epochs < 1:
             raise SettingError(f"demo --dlip-epochs must be at least 1, got {self.dlip_epochs}")
+        unknown = [method for method in self.methods if method not in METHODS]
+        if unknown or not self.methods:
+            raise SettingError(f"demo --methods: {'unknown ' + repr(unknown[0]) if unknown else 'none given'}; "
+                               f"choose from {' '.join(METHODS)}")
         limit = crossget_rv_limit()
         if not 1 <= self.crossget_rv <= limit:
             raise SettingError(f"demo --crossget-rv must be from 1 to {limit} (half the demo ViT's patch tokens), "
@@ -85,7 +93,7 @@ def settings_argv(settings):
 def crossget_rv_limit() -> int:
     """The most tokens CrossGET can merge per block of the demo's ViT: half its unprotected tokens ([CLS] and the
     cross token are protected, so half the patch tokens)."""
-    patches = (TINY_IMAGE_SIZE // vit_type_size(TINY_VIT_TYPE)["patch_size"]) ** 2
+    patches = (TINY_IMAGE_SIZE // DEMO_PATCH_SIZE) ** 2
     return patches // 2
 
 
@@ -112,6 +120,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--dlip-epochs", type=int,
                         help=f"epochs of each DLIP student's training: distilled from the trained model, and on the "
                              f"task losses only (default: {default.dlip_epochs})")
+    parser.add_argument("--methods", nargs="+", metavar="METHOD",
+                        help=f"the methods to train and compare with the parent (default: all, {' '.join(METHODS)}); "
+                             "tome turbo alone is the quickest run")
     parser.add_argument("--seed", type=int, help=f"seed of data and training (default: {default.seed})")
     return parser
 

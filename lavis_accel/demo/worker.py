@@ -29,21 +29,27 @@ def crossget_setting_name(settings):
 
 
 def settings_to_compare(settings):
-    """``[(name, reducer block or None)]``: the parent, ToMe and Turbo at each r, then MADTP at its target and
+    """``[(name, reducer block or None)]``: the parent; ToMe, Turbo and Turbo with ``scale_alpha`` at each r (does
+    scaling the semantic term to the token count close Turbo's recall gap to ToMe?); MADTP at its target and
     CrossGET at its rv."""
     from lavis_accel.demo.project import crossget_reducer
 
     compared = [("parent", None)]
-    for name in ("tome", "turbo"):
-        compared += [(f"{name}_r{r}", {"name": name, "r": r}) for r in settings.r_values]
-    return compared + [(madtp_setting_name(settings), {"name": "madtp"}),
-                       (crossget_setting_name(settings), crossget_reducer(settings))]
+    for name, extra in (("tome", {}), ("turbo", {}), ("turbo_scaled", {"scale_alpha": True})):
+        reducer = "turbo" if extra else name
+        if reducer in settings.methods:
+            compared += [(f"{name}_r{r}", {"name": reducer, "r": r, **extra}) for r in settings.r_values]
+    if "madtp" in settings.methods:
+        compared.append((madtp_setting_name(settings), {"name": "madtp"}))
+    if "crossget" in settings.methods:
+        compared.append((crossget_setting_name(settings), crossget_reducer(settings)))
+    return compared
 
 
-def students_to_compare():
+def students_to_compare(settings):
     """``[(name, distilled)]``: the DLIP student distilled from the trained model, then the same student trained on
-    the task losses only (the same steps), which shows what the distillation adds."""
-    return [("dlip", True), ("dlip_task_only", False)]
+    the task losses only (the same steps), which shows what the distillation adds; none without ``dlip``."""
+    return [("dlip", True), ("dlip_task_only", False)] if "dlip" in settings.methods else []
 
 
 def train(config, path):
@@ -72,10 +78,13 @@ def evaluate(config, path):
 
 
 def row_of(name, reducer, metrics, model):
-    """One table row: the setting, its reducer's name and merge count (CrossGET: rv, and rl), MADTP's tau, and
-    LAVIS's retrieval metrics."""
+    """One table row: the setting, its method (the reducer's name; ``turbo_scaled`` for Turbo with
+    ``scale_alpha``), its reducer's name and merge count (CrossGET: rv, and rl), MADTP's tau, and LAVIS's retrieval
+    metrics."""
     reducer = reducer or {}
-    return {"setting": name, "reducer": reducer.get("name"), "r": reducer.get("r", reducer.get("rv", 0)),
+    method = "turbo_scaled" if reducer.get("scale_alpha") else reducer.get("name")
+    return {"setting": name, "method": method, "reducer": reducer.get("name"),
+            "r": reducer.get("r", reducer.get("rv", 0)),
             "rl": reducer.get("rl"), "temperature": getattr(model, "temperature", None), **metrics}
 
 
@@ -101,19 +110,22 @@ def main(argv=None):
     project.write_student_med_config(settings)
     progress(f"fine-tuning a small BLIP retrieval model for {settings.epochs} epochs through LAVIS's runner")
     checkpoint = train(project.train_config(settings, datasets), os.path.join(configs, "train.yaml"))
-    progress(f"best checkpoint: {checkpoint}")
+    progress(f"trained checkpoint: {checkpoint}")
 
-    progress(f"compressing it with MADTP to {1 - settings.madtp_p:.0%} of its GFLOPs ({settings.madtp_epochs} epochs, "
-             "tau searched first)")
-    trained = {"madtp": train(project.madtp_train_config(settings, datasets, checkpoint),
-                              os.path.join(configs, "madtp.yaml"))}
-    progress(f"fine-tuning it with CrossGET at rv={settings.crossget_rv} ({settings.crossget_epochs} epochs, JS loss "
-             f"weight {project.CROSSGET_KD_WEIGHT})")
-    trained["crossget"] = train(project.crossget_train_config(settings, datasets, checkpoint),
-                                os.path.join(configs, "crossget.yaml"))
+    trained = {}
+    if "madtp" in settings.methods:
+        progress(f"compressing it with MADTP to {1 - settings.madtp_p:.0%} of its GFLOPs ({settings.madtp_epochs} "
+                 "epochs, tau searched first)")
+        trained["madtp"] = train(project.madtp_train_config(settings, datasets, checkpoint),
+                                 os.path.join(configs, "madtp.yaml"))
+    if "crossget" in settings.methods:
+        progress(f"fine-tuning it with CrossGET at rv={settings.crossget_rv} ({settings.crossget_epochs} epochs, JS "
+                 f"loss weight {project.CROSSGET_KD_WEIGHT})")
+        trained["crossget"] = train(project.crossget_train_config(settings, datasets, checkpoint),
+                                    os.path.join(configs, "crossget.yaml"))
 
     students = {}
-    for name, distilled in students_to_compare():
+    for name, distilled in students_to_compare(settings):
         teacher = "distilled from the trained model" if distilled else "on the task losses only"
         progress(f"training a smaller DLIP student {teacher} ({settings.dlip_epochs} epochs of image_text_pretrain)")
         start = time.perf_counter()
@@ -128,7 +140,7 @@ def main(argv=None):
                                   os.path.join(configs, f"eval_{name}.yaml"))
         rows.append(row_of(name, reducer, metrics, model))
         models[name] = model
-    for name, distilled in students_to_compare():
+    for name, distilled in students_to_compare(settings):
         progress(f"evaluating {name} through LAVIS's retrieval task (as {project.DLIP_ARCH})")
         student, seconds = students[name]
         metrics, models[name] = evaluate(project.dlip_eval_config(settings, datasets, student, name),

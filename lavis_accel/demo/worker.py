@@ -35,8 +35,8 @@ def settings_to_compare(settings):
     from lavis_accel.demo.project import crossget_reducer
 
     compared = [("parent", None)]
-    for name, extra in (("tome", {}), ("turbo", {}), ("turbo_scaled", {"scale_alpha": True})):
-        reducer = "turbo" if extra else name
+    merging = (("tome", "tome", {}), ("turbo", "turbo", {}), ("turbo_scaled", "turbo", {"scale_alpha": True}))
+    for name, reducer, extra in merging:
         if reducer in settings.methods:
             compared += [(f"{name}_r{r}", {"name": reducer, "r": r, **extra}) for r in settings.r_values]
     if "madtp" in settings.methods:
